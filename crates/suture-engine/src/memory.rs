@@ -1,0 +1,119 @@
+//! Memory suture maps inside the target: named so that `/proc/PID/maps`
+//! shows whose it is, placed near the code that must reach it with rel32
+//! jumps and calls.
+
+use crate::record::{Arena, Region};
+use crate::Error;
+use suture_process::{find_gap_near, Hijack, Mapping};
+
+pub const PROT_RW: i32 = libc::PROT_READ | libc::PROT_WRITE;
+pub const PROT_RX: i32 = libc::PROT_READ | libc::PROT_EXEC;
+pub const PAGE: u64 = 4096;
+
+/// memfd name of site arenas.
+pub const ARENA_NAME: &str = "suture-sites";
+/// Size of one arena and of its slots.
+pub const ARENA_SIZE: u64 = 64 * 1024;
+pub const SLOT_SIZE: u64 = 256;
+/// Offset in a slot of the absolute-jump stub (the trampoline comes first).
+pub const SLOT_STUB: u64 = 192;
+
+pub fn page_up(n: u64) -> u64 {
+    n.div_ceil(PAGE) * PAGE
+}
+
+/// Map `size` bytes named `/memfd:NAME` in the target: at `at` exactly
+/// (without replacing anything) when given, else where the kernel likes.
+pub fn create_named_mapping(
+    hijack: &mut Hijack<'_>,
+    name: &str,
+    size: u64,
+    at: Option<u64>,
+    prot: i32,
+    noreserve: bool,
+) -> Result<u64, Error> {
+    let fd = hijack.memfd_create(name, libc::MFD_CLOEXEC)?;
+    let result = (|| {
+        hijack.ftruncate(fd, size)?;
+        let mut flags = libc::MAP_PRIVATE;
+        if noreserve {
+            flags |= libc::MAP_NORESERVE;
+        }
+        if at.is_some() {
+            flags |= libc::MAP_FIXED_NOREPLACE;
+        }
+        let addr = hijack.mmap(at.unwrap_or(0), size, prot, flags, fd, 0)?;
+        if let Some(want) = at {
+            if addr != want {
+                // Old kernels ignore MAP_FIXED_NOREPLACE and treat it as a hint.
+                let _ = hijack.munmap(addr, size);
+                return Err(Error::Placement(format!(
+                    "the kernel placed the mapping at {addr:#x} instead of {want:#x}"
+                )));
+            }
+        }
+        Ok(addr)
+    })();
+    let closed = hijack.close(fd);
+    let addr = result?;
+    closed?;
+    Ok(addr)
+}
+
+/// Map `size` bytes within rel32 reach of [near_start, near_end), trying a
+/// few gaps in case another thread maps memory at the same time.
+pub fn map_near(
+    hijack: &mut Hijack<'_>,
+    maps: &[Mapping],
+    name: &str,
+    size: u64,
+    near: (u64, u64),
+    prot: i32,
+) -> Result<Option<u64>, Error> {
+    let mut maps = maps.to_vec();
+    for _ in 0..4 {
+        let Some(gap) = find_gap_near(&maps, near.0, near.1, size) else {
+            return Ok(None);
+        };
+        match create_named_mapping(hijack, name, size, Some(gap), prot, false) {
+            Ok(a) => return Ok(Some(a)),
+            Err(Error::Process(suture_process::Error::Remote { .. })) => {
+                // Raced with the target's own mmap: treat the gap as taken.
+                maps.push(Mapping {
+                    start: gap,
+                    end: gap + size,
+                    perms: "---p".into(),
+                    offset: 0,
+                    dev: "00:00".into(),
+                    inode: 0,
+                    path: None,
+                });
+                maps.sort_by_key(|m| m.start);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
+}
+
+/// A new arena within reach of an object's code.
+pub fn new_arena(
+    hijack: &mut Hijack<'_>,
+    maps: &[Mapping],
+    near: (u64, u64),
+) -> Result<Arena, Error> {
+    let addr = map_near(hijack, maps, ARENA_NAME, ARENA_SIZE, near, PROT_RX)?.ok_or_else(|| {
+        Error::Placement(format!(
+            "no free address range within ±2 GiB of {:#x}-{:#x} for the site trampolines",
+            near.0, near.1
+        ))
+    })?;
+    Ok(Arena {
+        region: Region {
+            addr,
+            len: ARENA_SIZE,
+        },
+        slot_size: SLOT_SIZE,
+        used: Default::default(),
+    })
+}

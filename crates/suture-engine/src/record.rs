@@ -1,0 +1,137 @@
+//! The record of everything suture did to a process: the model plus the
+//! memory and code it placed there. It lives inside the target (see
+//! [`crate::store`]), so any later `suture` invocation can continue, and it
+//! disappears with the process.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use suture_model::Model;
+
+/// Version of the record layout; a record of another version is refused.
+pub const RECORD_VERSION: u32 = 1;
+
+/// A range of target memory suture mapped.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Region {
+    pub addr: u64,
+    pub len: u64,
+}
+
+impl Region {
+    pub fn end(&self) -> u64 {
+        self.addr + self.len
+    }
+
+    pub fn contains(&self, a: u64) -> bool {
+        a >= self.addr && a < self.end()
+    }
+}
+
+/// One patch site: the entry of an original function that suture redirects.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Site {
+    /// Address of the function (the func stack's key).
+    pub func_addr: u64,
+    pub func_size: u64,
+    pub name: String,
+    /// Where the jump is written (after `endbr64` if the function has one).
+    pub site_addr: u64,
+    /// The bytes the jump overwrites, as found (equal to the file's).
+    pub original: Vec<u8>,
+    /// The slot of the arena holding this site's helper code.
+    pub slot: u64,
+    /// The relocated copy of the overwritten instructions (runs the original).
+    pub trampoline: u64,
+    /// The bytes currently written at `site_addr`.
+    pub current: Vec<u8>,
+}
+
+impl Site {
+    pub fn len(&self) -> usize {
+        self.original.len()
+    }
+
+    /// Whether a thread's pc inside the overwritten bytes (not at their
+    /// start) would be torn by a write.
+    pub fn pc_inside(&self, pc: u64) -> bool {
+        pc > self.site_addr && pc < self.site_addr + self.original.len() as u64
+    }
+}
+
+/// A mapping near one object, cut into fixed-size slots for site code
+/// (trampolines and absolute-jump stubs), so every site can reach it with a
+/// rel32 jump.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Arena {
+    pub region: Region,
+    pub slot_size: u64,
+    /// Slot index -> state.
+    pub used: BTreeMap<u64, SlotUse>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlotUse {
+    /// Holds the code of a live site.
+    Site,
+    /// Its site is gone, but a thread may still run or return into it.
+    Retired,
+}
+
+impl Arena {
+    pub fn slots(&self) -> u64 {
+        self.region.len / self.slot_size
+    }
+
+    pub fn slot_addr(&self, i: u64) -> u64 {
+        self.region.addr + i * self.slot_size
+    }
+
+    pub fn free_slot(&self) -> Option<u64> {
+        (0..self.slots()).find(|i| !self.used.contains_key(i))
+    }
+}
+
+/// Memory of one loaded patch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PatchMemory {
+    pub image: Region,
+    /// Executable part (for "is a thread still in it" checks).
+    pub text: Region,
+    /// Path and SHA-256-free identity of the file it came from.
+    pub file: String,
+    pub file_size: u64,
+}
+
+/// The whole record.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub version: u32,
+    pub model: Model,
+    /// Sites by function address.
+    pub sites: BTreeMap<u64, Site>,
+    /// Memory of listed patches by name.
+    pub patches: BTreeMap<String, PatchMemory>,
+    pub arenas: Vec<Arena>,
+    /// Patch memory no longer used by any patch, kept until no thread can be
+    /// inside it.
+    pub retired: Vec<PatchMemory>,
+}
+
+impl Record {
+    pub fn new() -> Self {
+        Record {
+            version: RECORD_VERSION,
+            ..Default::default()
+        }
+    }
+
+    /// The arena and slot index owning `slot_addr`.
+    pub fn slot_owner(&self, slot_addr: u64) -> Option<(usize, u64)> {
+        self.arenas.iter().enumerate().find_map(|(i, a)| {
+            a.region
+                .contains(slot_addr)
+                .then(|| (i, (slot_addr - a.region.addr) / a.slot_size))
+        })
+    }
+}

@@ -1,0 +1,135 @@
+//! The code-write protocol: the only moment the whole process is stopped.
+//!
+//! Every thread is stopped, each one's program counter is checked against
+//! the bytes about to change (a thread stopped between two of the
+//! instructions a jump overwrites would resume in the middle of the new
+//! jump), the bytes are written, and every thread resumes. While the
+//! threads are stopped anyway, the same stop tells which retired memory no
+//! thread can still be running or returning into.
+
+use crate::record::Region;
+use crate::Error;
+use std::time::Duration;
+use suture_process::{read_stack, Process, StoppedProcess};
+
+/// One write of code into the target.
+#[derive(Clone, Debug)]
+pub struct CodeWrite {
+    pub addr: u64,
+    pub bytes: Vec<u8>,
+    /// What was there before (to undo a partial write).
+    pub old: Vec<u8>,
+    /// A pc strictly inside (addr, addr+len) would be torn by this write.
+    pub guard_len: u64,
+}
+
+impl CodeWrite {
+    fn tears(&self, pc: u64) -> bool {
+        pc > self.addr && pc < self.addr + self.guard_len
+    }
+}
+
+/// Result of a write: which of the regions asked about are free of threads.
+pub struct WriteOutcome {
+    pub free: Vec<bool>,
+}
+
+const ATTEMPTS: u32 = 200;
+const STOP_TIMEOUT: Duration = Duration::from_secs(3);
+/// Largest stack suffix scanned per thread for return addresses.
+const STACK_SCAN: usize = 8 << 20;
+
+/// Stop every thread, make sure none is inside the bytes to change, write
+/// them, resume. `unused` asks which regions no thread is executing in or
+/// holds a pointer into (pc, registers, or any word of its stack):
+/// conservative, so a "free" answer is safe to unmap.
+pub fn write_code(
+    proc: &Process,
+    writes: &[CodeWrite],
+    unused: &[Region],
+) -> Result<WriteOutcome, Error> {
+    if writes.is_empty() && unused.is_empty() {
+        return Ok(WriteOutcome { free: vec![] });
+    }
+    let mut last_blocker = None;
+    for attempt in 0..ATTEMPTS {
+        let stopped = proc.stop_all(STOP_TIMEOUT)?;
+        let blocker = stopped
+            .pcs()
+            .into_iter()
+            .find_map(|(tid, pc)| writes.iter().find(|w| w.tears(pc)).map(|w| (tid, pc, w.addr)));
+        if let Some(b) = blocker {
+            stopped.resume()?;
+            last_blocker = Some(b);
+            std::thread::sleep(Duration::from_micros(200 * (attempt as u64 + 1).min(50)));
+            continue;
+        }
+        let free = match scan_unused(proc, &stopped, unused) {
+            Ok(f) => f,
+            Err(e) => {
+                stopped.resume()?;
+                return Err(e);
+            }
+        };
+        let mut done = 0;
+        let mut failure = None;
+        for w in writes {
+            if let Err(e) = proc.write_mem(w.addr, &w.bytes) {
+                failure = Some(e);
+                break;
+            }
+            done += 1;
+        }
+        if let Some(e) = failure {
+            // Put back what was already written; the target stays as it was.
+            for w in writes[..done].iter().rev() {
+                let _ = proc.write_mem(w.addr, &w.old);
+            }
+            let _ = stopped.resume();
+            return Err(e.into());
+        }
+        stopped.resume()?;
+        return Ok(WriteOutcome { free });
+    }
+    let (tid, pc, addr) = last_blocker.expect("loop ran");
+    Err(Error::SiteBusy(format!(
+        "thread {tid} kept executing inside the bytes to be overwritten at {addr:#x} (pc {pc:#x}) over {ATTEMPTS} attempts; try again"
+    )))
+}
+
+fn scan_unused(
+    proc: &Process,
+    stopped: &StoppedProcess<'_>,
+    regions: &[Region],
+) -> Result<Vec<bool>, Error> {
+    let mut free = vec![true; regions.len()];
+    if regions.is_empty() {
+        return Ok(free);
+    }
+    for tid in stopped.threads() {
+        let Some(regs) = stopped.regs(tid) else {
+            continue;
+        };
+        let gprs = [
+            regs.rip, regs.rsp, regs.rbp, regs.rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi,
+            regs.rdi, regs.r8, regs.r9, regs.r10, regs.r11, regs.r12, regs.r13, regs.r14,
+            regs.r15,
+        ];
+        let mark = |free: &mut Vec<bool>, v: u64| {
+            for (i, r) in regions.iter().enumerate() {
+                if r.contains(v) {
+                    free[i] = false;
+                }
+            }
+        };
+        for v in gprs {
+            mark(&mut free, v);
+        }
+        // Scan from below the red zone: a leaf may keep data there.
+        let (_, stack) = read_stack(proc, regs.rsp.saturating_sub(128), STACK_SCAN)?;
+        for w in stack.chunks_exact(8) {
+            mark(&mut free, u64::from_le_bytes(w.try_into().unwrap()));
+        }
+    }
+    Ok(free)
+}

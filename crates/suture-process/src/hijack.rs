@@ -1,0 +1,591 @@
+//! Borrowing one thread of the target to execute system calls in it.
+//!
+//! How it works: the thread is seized (`PTRACE_SEIZE`) and stopped with
+//! `PTRACE_INTERRUPT`; its registers and signal mask are saved. For each
+//! system call the registers are pointed at a `syscall` instruction with the
+//! arguments loaded and `orig_rax = -1` (so the kernel's syscall-restart
+//! logic leaves them alone), and the thread single-steps over it. At the end
+//! the saved registers (including `orig_rax`) are written back while the
+//! thread sits in a stop inside the kernel's signal-handling path, so an
+//! interrupted blocking system call (e.g. `read`, `nanosleep`) is restarted
+//! by the kernel on detach exactly as after any signal.
+//!
+//! Signals: while borrowed, the thread's signal mask blocks everything but
+//! `SIGTRAP` (blocking it would make the kernel reset a `SIGTRAP` handler on
+//! our single-step traps), so signals meant for the process go to other
+//! threads or stay pending until release. A signal that reaches the thread
+//! before it is stopped is delivered as it would have been. A `SIGSTOP` is
+//! passed on (the process stops as asked; the thread stays usable and
+//! re-enters the group-stop on release). A user-sent `SIGTRAP` is held and
+//! re-injected with its original `siginfo` on release.
+
+use std::marker::PhantomData;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+
+use crate::sys::{self, Event};
+use crate::{Error, Process, Result, Tid};
+
+/// How long one remote system call may take by default.
+pub const DEFAULT_SYSCALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Bytes below the stack pointer that the x86-64 ABI reserves for the
+/// interrupted code (the red zone).
+const RED_ZONE: u64 = 128;
+
+/// Every signal blocked except SIGTRAP (SIGKILL and SIGSTOP cannot be blocked).
+const HIJACK_MASK: u64 = !(1u64 << (libc::SIGTRAP - 1));
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// In a ptrace-stop. `in_signal_stop`: the stop is a
+    /// signal-delivery-stop (after a single-step), in which a signal can be
+    /// injected on detach.
+    Stopped { in_signal_stop: bool },
+    /// Resumed and not stopped again (only after a failed wait).
+    Running,
+    /// The thread died (or was detached).
+    Gone,
+}
+
+/// One thread of the target stopped and borrowed to execute system calls;
+/// the rest of the process keeps running. Restores the thread and detaches
+/// on [`Hijack::release`] or on drop.
+///
+/// `!Send`: ptrace binds the tracee to the thread that created this.
+pub struct Hijack<'p> {
+    process: &'p Process,
+    tid: Tid,
+    saved_regs: libc::user_regs_struct,
+    saved_mask: u64,
+    state: State,
+    syscall_insn: Option<u64>,
+    timeout: Duration,
+    /// A user-sent SIGTRAP that arrived while we held the thread.
+    held_sigtrap: Option<libc::siginfo_t>,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl Process {
+    /// Seizes and interrupts one thread (the main thread first; if it cannot
+    /// be stopped within its share of `timeout`, e.g. because it is in
+    /// uninterruptible sleep, others), and saves its registers.
+    pub fn hijack(&self, timeout: Duration) -> Result<Hijack<'_>> {
+        sys::release_abandoned(Duration::ZERO);
+        self.ensure_alive()?;
+        self.check_no_other_tracer()?;
+        let deadline = Instant::now() + timeout;
+        // Candidates: the main thread, then others; threads in
+        // uninterruptible sleep last and zombies not at all.
+        let mut candidates: Vec<(u8, Tid)> = self
+            .threads()?
+            .into_iter()
+            .filter_map(|tid| {
+                let stat = self.thread_stat(tid)?;
+                if stat.is_dead() {
+                    return None;
+                }
+                let rank = if stat.state == 'D' {
+                    2
+                } else if tid == self.pid() {
+                    0
+                } else {
+                    1
+                };
+                Some((rank, tid))
+            })
+            .collect();
+        candidates.sort_unstable();
+        if candidates.is_empty() {
+            return Err(Error::Exited { pid: self.pid() });
+        }
+        let mut last_timeout = None;
+        let n = candidates.len();
+        for (i, &(_, tid)) in candidates.iter().enumerate() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            // The first thread gets half the time if others could follow;
+            // the rest share what remains.
+            let share = if i + 1 == n {
+                left
+            } else if i == 0 {
+                left / 2
+            } else {
+                left / (n - i).min(4) as u32
+            };
+            match self.hijack_thread(tid, share) {
+                Ok(h) => return Ok(h),
+                Err(Error::ThreadExited { .. }) => continue,
+                Err(e @ Error::Timeout { .. }) => last_timeout = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_timeout.unwrap_or_else(|| Error::Timeout {
+            what: format!(
+                "stopping a thread of process {} to borrow it (all threads busy in uninterruptible sleep?)",
+                self.pid()
+            ),
+        }))
+    }
+
+    /// Like [`Process::hijack`], but borrows the given thread.
+    pub fn hijack_thread(&self, tid: Tid, timeout: Duration) -> Result<Hijack<'_>> {
+        let deadline = Instant::now() + timeout;
+        if let Err(errno) = sys::seize(tid, false) {
+            return Err(self.seize_error(tid, errno));
+        }
+        if sys::interrupt(tid).is_err() {
+            // Seized but already dying: reap it.
+            sys::reap(tid, Duration::from_millis(100));
+            return Err(self.vanished(tid));
+        }
+        // Wait for the interrupt-stop (or a group-stop). A signal that
+        // arrives first is delivered as it would have been without us; the
+        // pending interrupt then stops the thread before it runs user code.
+        loop {
+            match sys::wait_until(tid, deadline) {
+                Some(Event::Interrupt) | Some(Event::GroupStop(_)) => break,
+                Some(Event::Signal(sig)) => {
+                    if sys::cont(tid, sig).is_err() || sys::interrupt(tid).is_err() {
+                        sys::reap(tid, Duration::from_millis(100));
+                        return Err(self.vanished(tid));
+                    }
+                }
+                Some(Event::PtraceEvent(_)) => {
+                    if sys::cont(tid, 0).is_err() {
+                        sys::reap(tid, Duration::from_millis(100));
+                        return Err(self.vanished(tid));
+                    }
+                }
+                Some(Event::Gone) => return Err(self.vanished(tid)),
+                None => {
+                    sys::abandon(tid);
+                    sys::release_abandoned(Duration::from_millis(20));
+                    return Err(Error::Timeout {
+                        what: format!(
+                            "stopping thread {tid} of process {} (it may be in uninterruptible sleep)",
+                            self.pid()
+                        ),
+                    });
+                }
+            }
+        }
+        // The thread is held: if the pid was reused meanwhile, this is not
+        // our process.
+        if !self.is_alive() {
+            let _ = sys::detach(tid, 0);
+            return Err(Error::Exited { pid: self.pid() });
+        }
+        let saved = sys::getregs(tid).and_then(|regs| Ok((regs, sys::getsigmask(tid)?)));
+        let (saved_regs, saved_mask) = match saved {
+            Ok(s) => s,
+            Err(_) => {
+                if sys::detach(tid, 0).is_err() {
+                    sys::reap(tid, Duration::from_millis(100));
+                }
+                return Err(self.vanished(tid));
+            }
+        };
+        let mut h = Hijack {
+            process: self,
+            tid,
+            saved_regs,
+            saved_mask,
+            state: State::Stopped {
+                in_signal_stop: false,
+            },
+            syscall_insn: None,
+            timeout: DEFAULT_SYSCALL_TIMEOUT,
+            held_sigtrap: None,
+            _not_send: PhantomData,
+        };
+        if let Err(errno) = sys::setsigmask(tid, HIJACK_MASK) {
+            let err = h.ptrace_failed("SETSIGMASK", errno);
+            let _ = h.release_inner();
+            return Err(err);
+        }
+        Ok(h)
+    }
+
+    /// The error for a failed PTRACE_SEIZE of one of our threads.
+    pub(crate) fn seize_error(&self, tid: Tid, errno: Errno) -> Error {
+        match errno {
+            Errno::ESRCH => self.vanished(tid),
+            Errno::EPERM => {
+                if !self.is_alive() {
+                    return Error::Exited { pid: self.pid() };
+                }
+                if self.thread_stat(tid).is_none_or(|s| s.is_dead()) {
+                    return self.vanished(tid);
+                }
+                if self.tracer_of(tid) == Some(sys::gettid()) {
+                    return Error::InvalidArgument {
+                        what: format!(
+                            "thread {tid} of process {} is already held by this thread (an active Hijack or StoppedProcess)",
+                            self.pid()
+                        ),
+                    };
+                }
+                self.permission_error("the kernel refused PTRACE_SEIZE (EPERM)".to_string())
+            }
+            other => Error::ptrace("SEIZE", tid, other),
+        }
+    }
+}
+
+impl Hijack<'_> {
+    /// The borrowed thread.
+    pub fn tid(&self) -> Tid {
+        self.tid
+    }
+
+    /// The registers the thread had when it was stopped (restored on release).
+    pub fn saved_regs(&self) -> &libc::user_regs_struct {
+        &self.saved_regs
+    }
+
+    /// Uses the `syscall` instruction at `addr` instead of searching one.
+    pub fn set_syscall_insn(&mut self, addr: u64) {
+        self.syscall_insn = Some(addr);
+    }
+
+    /// Limit for one remote system call (default [`DEFAULT_SYSCALL_TIMEOUT`]).
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    fn ptrace_failed(&mut self, what: &str, errno: Errno) -> Error {
+        if errno == Errno::ESRCH {
+            // The thread died (it cannot leave the stop otherwise).
+            self.state = State::Gone;
+            sys::reap(self.tid, Duration::from_millis(100));
+            self.process.vanished(self.tid)
+        } else {
+            Error::ptrace(what, self.tid, errno)
+        }
+    }
+
+    fn ensure_stopped(&self) -> Result<()> {
+        match self.state {
+            State::Stopped { .. } => Ok(()),
+            State::Gone => Err(self.process.vanished(self.tid)),
+            State::Running => Err(Error::Timeout {
+                what: format!(
+                    "waiting for thread {} of process {} to stop again after an earlier timeout",
+                    self.tid,
+                    self.process.pid()
+                ),
+            }),
+        }
+    }
+
+    /// Executes one system call in the target and returns its result
+    /// (`rax`). A negative errno comes back as [`Error::Remote`].
+    pub fn syscall(&mut self, nr: i64, args: [u64; 6]) -> Result<u64> {
+        self.syscall_named(&format!("system call {nr}"), nr, args)
+    }
+
+    fn syscall_named(&mut self, what: &str, nr: i64, args: [u64; 6]) -> Result<u64> {
+        self.ensure_stopped()?;
+        let insn = match self.syscall_insn {
+            Some(a) => a,
+            None => {
+                let a = self.process.find_syscall_insn()?;
+                self.syscall_insn = Some(a);
+                a
+            }
+        };
+        let tid = self.tid;
+        let mut regs = self.saved_regs;
+        regs.rip = insn;
+        regs.rax = nr as u64;
+        regs.rdi = args[0];
+        regs.rsi = args[1];
+        regs.rdx = args[2];
+        regs.r10 = args[3];
+        regs.r8 = args[4];
+        regs.r9 = args[5];
+        // Not inside a system call any more: no restart on the way out.
+        regs.orig_rax = u64::MAX;
+        if let Err(errno) = sys::setregs(tid, &regs) {
+            return Err(self.ptrace_failed("SETREGS", errno));
+        }
+        let deadline = Instant::now() + self.timeout;
+        let mut inject = 0;
+        let result = loop {
+            if let Err(errno) = sys::step(tid, inject) {
+                return Err(self.ptrace_failed("SINGLESTEP", errno));
+            }
+            self.state = State::Running;
+            inject = 0;
+            match sys::wait_until(tid, deadline) {
+                None => return Err(self.timed_out(what)),
+                Some(Event::Gone) => {
+                    self.state = State::Gone;
+                    return Err(self.process.vanished(tid));
+                }
+                // Stopped before executing (the process was stopped, or a
+                // stray interrupt): step again.
+                Some(Event::Interrupt | Event::GroupStop(_) | Event::PtraceEvent(_)) => {
+                    self.state = State::Stopped {
+                        in_signal_stop: false,
+                    };
+                }
+                Some(Event::Signal(sig)) => {
+                    self.state = State::Stopped {
+                        in_signal_stop: true,
+                    };
+                    if sig == libc::SIGSTOP {
+                        // Let the process stop as asked; we are resumed from
+                        // the group-stop by our next step.
+                        inject = sig;
+                        continue;
+                    }
+                    let now = match sys::getregs(tid) {
+                        Ok(r) => r,
+                        Err(errno) => return Err(self.ptrace_failed("GETREGS", errno)),
+                    };
+                    if sig == libc::SIGTRAP {
+                        if let Ok(info) = sys::getsiginfo(tid) {
+                            // si_code <= 0: sent by a process, not our trap.
+                            if info.si_code <= 0 && self.held_sigtrap.is_none() {
+                                self.held_sigtrap = Some(info);
+                            }
+                        }
+                        if now.rip == insn + 2 {
+                            break now.rax;
+                        }
+                        if now.rip == insn {
+                            continue; // not executed yet
+                        }
+                    }
+                    // Anything else is a fault caused by our borrowed
+                    // execution (all other signals are blocked); it must
+                    // not reach the program.
+                    return Err(Error::RemoteFault {
+                        what: format!(
+                            "executing {what} at {insn:#x} in thread {tid} raised signal {sig} (rip {:#x})",
+                            now.rip
+                        ),
+                    });
+                }
+            }
+        };
+        let r = result as i64;
+        if (-4095..0).contains(&r) {
+            return Err(Error::Remote {
+                what: what.to_string(),
+                errno: Errno::from_raw(-r as i32),
+            });
+        }
+        Ok(result)
+    }
+
+    /// A remote call did not finish in time: stop the thread again (its
+    /// system call is interrupted) so it can be restored.
+    fn timed_out(&mut self, what: &str) -> Error {
+        let tid = self.tid;
+        if sys::interrupt(tid).is_ok() {
+            let deadline = Instant::now() + Duration::from_secs(1);
+            loop {
+                match sys::wait_until(tid, deadline) {
+                    Some(Event::Gone) => {
+                        self.state = State::Gone;
+                        break;
+                    }
+                    Some(Event::Signal(_)) => {
+                        // Our own single-step trap (or a fault): suppress.
+                        self.state = State::Stopped {
+                            in_signal_stop: true,
+                        };
+                        break;
+                    }
+                    Some(_) => {
+                        self.state = State::Stopped {
+                            in_signal_stop: false,
+                        };
+                        break;
+                    }
+                    None => break,
+                }
+            }
+        }
+        Error::Timeout {
+            what: format!(
+                "running {what} in thread {tid} of process {} (limit {:?})",
+                self.process.pid(),
+                self.timeout
+            ),
+        }
+    }
+
+    /// `mmap` in the target; returns the address.
+    pub fn mmap(
+        &mut self,
+        addr: u64,
+        len: u64,
+        prot: i32,
+        flags: i32,
+        fd: i32,
+        off: u64,
+    ) -> Result<u64> {
+        self.syscall_named(
+            "mmap",
+            libc::SYS_mmap,
+            [
+                addr,
+                len,
+                prot as u64,
+                flags as u32 as u64,
+                fd as i64 as u64,
+                off,
+            ],
+        )
+    }
+
+    pub fn munmap(&mut self, addr: u64, len: u64) -> Result<()> {
+        self.syscall_named("munmap", libc::SYS_munmap, [addr, len, 0, 0, 0, 0])
+            .map(drop)
+    }
+
+    pub fn mprotect(&mut self, addr: u64, len: u64, prot: i32) -> Result<()> {
+        self.syscall_named(
+            "mprotect",
+            libc::SYS_mprotect,
+            [addr, len, prot as u64, 0, 0, 0],
+        )
+        .map(drop)
+    }
+
+    /// `memfd_create(name, flags)` in the target. The name is written just
+    /// below the thread's red zone on its stack (and the bytes there restored
+    /// afterwards).
+    pub fn memfd_create(&mut self, name: &str, flags: u32) -> Result<i32> {
+        self.ensure_stopped()?;
+        let len = name.len() as u64 + 1;
+        let rsp = self.saved_regs.rsp;
+        let scratch = rsp
+            .checked_sub(RED_ZONE + len)
+            .map(|a| a & !15)
+            .ok_or_else(|| Error::InvalidArgument {
+                what: format!("stack pointer {rsp:#x} leaves no room for the name"),
+            })?;
+        let old = self.process.read_mem(scratch, len as usize)?;
+        let r = self.memfd_create_at(name, flags, scratch);
+        let restored = self.process.write_mem(scratch, &old);
+        let fd = r?;
+        restored?;
+        Ok(fd)
+    }
+
+    /// `memfd_create(name, flags)` in the target, using target memory at
+    /// `scratch` (owned by the caller, `name.len() + 1` bytes) for the name.
+    pub fn memfd_create_at(&mut self, name: &str, flags: u32, scratch: u64) -> Result<i32> {
+        if name.contains('\0') {
+            return Err(Error::InvalidArgument {
+                what: format!("memfd name {name:?} contains a NUL byte"),
+            });
+        }
+        let mut bytes = name.as_bytes().to_vec();
+        bytes.push(0);
+        self.process.write_mem(scratch, &bytes)?;
+        self.syscall_named(
+            "memfd_create",
+            libc::SYS_memfd_create,
+            [scratch, flags as u64, 0, 0, 0, 0],
+        )
+        .map(|fd| fd as i32)
+    }
+
+    pub fn ftruncate(&mut self, fd: i32, len: u64) -> Result<()> {
+        self.syscall_named(
+            "ftruncate",
+            libc::SYS_ftruncate,
+            [fd as i64 as u64, len, 0, 0, 0, 0],
+        )
+        .map(drop)
+    }
+
+    pub fn close(&mut self, fd: i32) -> Result<()> {
+        self.syscall_named("close", libc::SYS_close, [fd as i64 as u64, 0, 0, 0, 0, 0])
+            .map(drop)
+    }
+
+    /// `getpid()` in the target (handy to check the plumbing).
+    pub fn getpid(&mut self) -> Result<i32> {
+        self.syscall_named("getpid", libc::SYS_getpid, [0; 6])
+            .map(|p| p as i32)
+    }
+
+    /// Restores the saved registers exactly (including `orig_rax`, so an
+    /// interrupted blocking system call restarts) and the signal mask, and
+    /// detaches. Also done on drop (ignoring errors).
+    pub fn release(mut self) -> Result<()> {
+        self.release_inner()
+    }
+
+    fn release_inner(&mut self) -> Result<()> {
+        let tid = self.tid;
+        let state = std::mem::replace(&mut self.state, State::Gone);
+        match state {
+            State::Gone => {
+                sys::reap(tid, Duration::from_millis(50));
+                if self.process.is_alive() {
+                    Ok(())
+                } else {
+                    Err(Error::Exited {
+                        pid: self.process.pid(),
+                    })
+                }
+            }
+            State::Running => {
+                // Cannot detach a running tracee; it stops at its pending
+                // interrupt and is detached then.
+                sys::interrupt(tid).ok();
+                sys::abandon(tid);
+                sys::release_abandoned(Duration::from_millis(100));
+                Err(Error::Timeout {
+                    what: format!(
+                        "restoring thread {tid} of process {}: it did not stop again",
+                        self.process.pid()
+                    ),
+                })
+            }
+            State::Stopped { in_signal_stop } => {
+                let restored =
+                    sys::setregs(tid, &self.saved_regs).and_then(|_| sys::setsigmask(tid, self.saved_mask));
+                let held = self.held_sigtrap.take();
+                let mut sig = 0;
+                if let (Some(info), true) = (held.as_ref(), in_signal_stop) {
+                    if sys::setsiginfo(tid, info).is_ok() {
+                        sig = libc::SIGTRAP;
+                    }
+                }
+                let detached = sys::detach(tid, sig);
+                if held.is_some() && sig == 0 && detached.is_ok() {
+                    // No way to re-inject with the original siginfo here:
+                    // resend it.
+                    let _ = sys::tgkill(self.process.pid(), tid, libc::SIGTRAP);
+                }
+                match (restored, detached) {
+                    (Ok(()), Ok(())) => Ok(()),
+                    (Err(Errno::ESRCH), _) | (_, Err(Errno::ESRCH)) => {
+                        sys::reap(tid, Duration::from_millis(100));
+                        Err(self.process.vanished(tid))
+                    }
+                    (Err(errno), _) => Err(Error::ptrace("restore registers", tid, errno)),
+                    (_, Err(errno)) => Err(Error::ptrace("DETACH", tid, errno)),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Hijack<'_> {
+    fn drop(&mut self) {
+        let _ = self.release_inner();
+    }
+}

@@ -1,0 +1,326 @@
+//! Holding every thread of the target in a ptrace-stop.
+//!
+//! Threads are seized with `PTRACE_O_TRACECLONE`, so a thread created while
+//! we work is attached (and stopped) automatically; `/proc/PID/task` is
+//! listed again until a pass finds no thread we do not hold. Threads that
+//! exit meanwhile are dropped (and reaped).
+//!
+//! Signals: a signal that reaches a thread before it stops (a
+//! signal-delivery-stop) is handed straight back to the kernel, which
+//! delivers it as it would have without us; the pending interrupt then stops
+//! the thread before it runs any user code (its registers then show the
+//! handler about to run). Signals sent while all threads are held stay
+//! pending in the kernel and are delivered normally after the detach. So
+//! each signal is delivered exactly once.
+
+use std::collections::BTreeMap;
+use std::marker::PhantomData;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+
+use crate::sys::{self, Backoff, Event};
+use crate::{Error, Liveness, Process, Result, Tid};
+
+#[derive(Clone, Copy)]
+enum ThreadState {
+    /// Seized, interrupt requested, not yet stopped.
+    Running,
+    /// Held in an interrupt-stop or group-stop.
+    Stopped(libc::user_regs_struct),
+}
+
+/// Every thread of the process held in a ptrace-stop (for the short moment
+/// of a code write). Resumes and detaches on [`StoppedProcess::resume`] or
+/// on drop.
+///
+/// `!Send`: ptrace binds the tracees to the thread that created this.
+pub struct StoppedProcess<'p> {
+    process: &'p Process,
+    threads: BTreeMap<Tid, libc::user_regs_struct>,
+    done: bool,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl Process {
+    /// Seizes and stops every thread of the process, waiting at most
+    /// `timeout` in all. On any failure every thread is resumed and
+    /// detached before the error is returned.
+    pub fn stop_all(&self, timeout: Duration) -> Result<StoppedProcess<'_>> {
+        sys::release_abandoned(Duration::ZERO);
+        self.ensure_alive()?;
+        self.check_no_other_tracer()?;
+        let deadline = Instant::now() + timeout;
+        let mut attached: BTreeMap<Tid, ThreadState> = BTreeMap::new();
+        match self.stop_all_inner(&mut attached, deadline, timeout) {
+            Ok(()) => {
+                let threads = attached
+                    .into_iter()
+                    .filter_map(|(tid, st)| match st {
+                        ThreadState::Stopped(regs) => Some((tid, regs)),
+                        ThreadState::Running => None,
+                    })
+                    .collect();
+                Ok(StoppedProcess {
+                    process: self,
+                    threads,
+                    done: false,
+                    _not_send: PhantomData,
+                })
+            }
+            Err(e) => {
+                release_all(&mut attached);
+                Err(e)
+            }
+        }
+    }
+
+    fn stop_all_inner(
+        &self,
+        attached: &mut BTreeMap<Tid, ThreadState>,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<()> {
+        let me = sys::gettid();
+        loop {
+            let mut found_new = false;
+            for tid in self.threads()? {
+                if attached.contains_key(&tid) {
+                    continue;
+                }
+                match sys::seize(tid, true) {
+                    Ok(()) => {
+                        attached.insert(tid, ThreadState::Running);
+                        // ESRCH here: it is dying; the wait below reaps it.
+                        let _ = sys::interrupt(tid);
+                        found_new = true;
+                    }
+                    // Exited since the listing.
+                    Err(Errno::ESRCH) => {}
+                    Err(Errno::EPERM) if self.tracer_of(tid) == Some(me) => {
+                        // Auto-attached through PTRACE_O_TRACECLONE before we
+                        // saw its creator's clone event.
+                        attached.insert(tid, ThreadState::Running);
+                        found_new = true;
+                    }
+                    Err(errno) => {
+                        if self.thread_stat(tid).is_none_or(|s| s.is_dead()) {
+                            continue; // a zombie or exited thread
+                        }
+                        return Err(self.seize_error(tid, errno));
+                    }
+                }
+            }
+            let all_stopped = attached
+                .values()
+                .all(|s| matches!(s, ThreadState::Stopped(_)));
+            if !found_new && all_stopped {
+                // A pass found no thread we do not hold, and every thread we
+                // hold is stopped (so none can create another).
+                break;
+            }
+            self.wait_all_stopped(attached, deadline, timeout)?;
+        }
+        if attached.is_empty() || !self.is_alive() {
+            return Err(Error::Exited { pid: self.pid() });
+        }
+        Ok(())
+    }
+
+    /// Waits until every attached thread is stopped (threads that exit are
+    /// dropped; threads they create are added).
+    fn wait_all_stopped(
+        &self,
+        attached: &mut BTreeMap<Tid, ThreadState>,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<()> {
+        let mut backoff = Backoff::new();
+        let mut idle_rounds = 0u32;
+        loop {
+            let running: Vec<Tid> = attached
+                .iter()
+                .filter(|(_, s)| matches!(s, ThreadState::Running))
+                .map(|(&t, _)| t)
+                .collect();
+            if running.is_empty() {
+                if attached.is_empty() {
+                    return Err(Error::Exited { pid: self.pid() });
+                }
+                return Ok(());
+            }
+            let mut progressed = false;
+            for tid in running {
+                let Some(ev) = sys::wait_nohang(tid) else {
+                    continue;
+                };
+                progressed = true;
+                match ev {
+                    Event::Gone => {
+                        attached.remove(&tid);
+                    }
+                    Event::Interrupt | Event::GroupStop(_) => match sys::getregs(tid) {
+                        Ok(regs) => {
+                            attached.insert(tid, ThreadState::Stopped(regs));
+                        }
+                        // Killed while stopped; the next wait reaps it.
+                        Err(_) => {}
+                    },
+                    Event::Signal(sig) => {
+                        // Deliver it now, as the kernel was about to; the
+                        // pending interrupt stops the thread right after.
+                        if sys::cont(tid, sig).is_ok() {
+                            let _ = sys::interrupt(tid);
+                        }
+                    }
+                    Event::PtraceEvent(ev) => {
+                        if ev == libc::PTRACE_EVENT_CLONE {
+                            if let Ok(new) = sys::event_msg(tid) {
+                                // Auto-attached; it starts with a stop of its own.
+                                attached.entry(new as Tid).or_insert(ThreadState::Running);
+                            }
+                        }
+                        // Finish the clone; the pending interrupt stops it next.
+                        let _ = sys::cont(tid, 0);
+                    }
+                }
+            }
+            if progressed {
+                backoff.reset();
+                idle_rounds = 0;
+                continue;
+            }
+            if Instant::now() >= deadline {
+                let stuck: Vec<String> = attached
+                    .iter()
+                    .filter(|(_, s)| matches!(s, ThreadState::Running))
+                    .map(|(t, _)| {
+                        let state = self.thread_stat(*t).map_or('?', |s| s.state);
+                        format!("{t} (state {state})")
+                    })
+                    .collect();
+                return Err(Error::Timeout {
+                    what: format!(
+                        "stopping all threads of process {}: thread(s) {} did not stop within {timeout:?} (uninterruptible sleep?)",
+                        self.pid(),
+                        stuck.join(", ")
+                    ),
+                });
+            }
+            idle_rounds += 1;
+            if idle_rounds % 64 == 0 {
+                // A main thread that called pthread_exit is a zombie that
+                // never reports; and the whole process may be gone.
+                if self.liveness() != Liveness::Alive {
+                    return Err(Error::Exited { pid: self.pid() });
+                }
+                let dead: Vec<Tid> = attached
+                    .iter()
+                    .filter(|(t, s)| {
+                        matches!(s, ThreadState::Running)
+                            && self.thread_stat(**t).is_none_or(|st| st.is_dead())
+                    })
+                    .map(|(&t, _)| t)
+                    .collect();
+                for tid in dead {
+                    attached.remove(&tid);
+                    sys::abandon(tid);
+                }
+            }
+            backoff.sleep(deadline);
+        }
+    }
+}
+
+/// Detaches every held thread; threads still running are given a short
+/// grace to reach their pending stop, then left to
+/// [`Process::release_abandoned_threads`]. Returns the first error.
+fn release_all(attached: &mut BTreeMap<Tid, ThreadState>) -> Option<Errno> {
+    let mut first_err = None;
+    let mut running = Vec::new();
+    for (tid, st) in std::mem::take(attached) {
+        match st {
+            ThreadState::Stopped(_) => {
+                if let Err(errno) = sys::detach(tid, 0) {
+                    // ESRCH: it was killed while held; reap it.
+                    if !sys::reap(tid, Duration::from_millis(50)) {
+                        sys::abandon(tid);
+                    }
+                    first_err.get_or_insert(errno);
+                }
+            }
+            ThreadState::Running => running.push(tid),
+        }
+    }
+    // Running threads have an interrupt pending: they stop shortly (unless
+    // stuck in the kernel) and are detached then.
+    for tid in running {
+        sys::abandon(tid);
+    }
+    sys::release_abandoned(Duration::from_millis(200));
+    first_err
+}
+
+impl StoppedProcess<'_> {
+    /// The held threads, sorted.
+    pub fn threads(&self) -> Vec<Tid> {
+        self.threads.keys().copied().collect()
+    }
+
+    /// The registers of a held thread, captured when it stopped.
+    pub fn regs(&self, tid: Tid) -> Option<libc::user_regs_struct> {
+        self.threads.get(&tid).copied()
+    }
+
+    /// The program counter of every held thread.
+    pub fn pcs(&self) -> Vec<(Tid, u64)> {
+        self.threads.iter().map(|(&t, r)| (t, r.rip)).collect()
+    }
+
+    /// The process these threads belong to.
+    pub fn process(&self) -> &Process {
+        self.process
+    }
+
+    /// Resumes and detaches every thread. Signals that arrived while they
+    /// were held are delivered by the kernel as usual. Also done on drop.
+    pub fn resume(mut self) -> Result<()> {
+        self.resume_inner()
+    }
+
+    fn resume_inner(&mut self) -> Result<()> {
+        if self.done {
+            return Ok(());
+        }
+        self.done = true;
+        let mut attached: BTreeMap<Tid, ThreadState> = std::mem::take(&mut self.threads)
+            .into_iter()
+            .map(|(t, r)| (t, ThreadState::Stopped(r)))
+            .collect();
+        match release_all(&mut attached) {
+            None => Ok(()),
+            Some(errno) if errno == Errno::ESRCH => {
+                if self.process.is_alive() {
+                    Ok(()) // a thread was killed; the others run on
+                } else {
+                    Err(Error::Exited {
+                        pid: self.process.pid(),
+                    })
+                }
+            }
+            Some(errno) => Err(Error::io(
+                format!(
+                    "detaching from process {} (some threads may remain stopped until this thread exits)",
+                    self.process.pid()
+                ),
+                std::io::Error::from_raw_os_error(errno as i32),
+            )),
+        }
+    }
+}
+
+impl Drop for StoppedProcess<'_> {
+    fn drop(&mut self) {
+        let _ = self.resume_inner();
+    }
+}

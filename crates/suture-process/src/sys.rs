@@ -1,0 +1,325 @@
+//! Thin wrappers over the ptrace and wait interfaces, plus the bookkeeping
+//! of threads we could not detach in time.
+//!
+//! ptrace ties a tracee to the *thread* that attached it: every request and
+//! every `waitpid` for it must come from that thread. The types built on
+//! these wrappers are therefore `!Send`.
+
+use std::cell::RefCell;
+use std::ptr;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::ptrace;
+use nix::unistd::Pid;
+
+use crate::Tid;
+
+/// What `waitpid` reported for one thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Event {
+    /// The thread exited or was killed (and is now reaped), or it is not
+    /// (any more) our tracee.
+    Gone,
+    /// `PTRACE_EVENT_STOP` with `SIGTRAP`: the stop we asked for with
+    /// `PTRACE_INTERRUPT` (or the first stop of an auto-attached thread).
+    Interrupt,
+    /// `PTRACE_EVENT_STOP` with a stop signal: the thread is in a group-stop
+    /// (the process was stopped by SIGSTOP/SIGTSTP/...).
+    GroupStop(i32),
+    /// Signal-delivery-stop: the thread is about to receive this signal.
+    Signal(i32),
+    /// Another `PTRACE_EVENT_*` stop (e.g. `PTRACE_EVENT_CLONE`).
+    PtraceEvent(i32),
+}
+
+/// Decodes a raw wait status of a traced thread.
+pub(crate) fn decode_status(status: i32) -> Event {
+    if libc::WIFSTOPPED(status) {
+        let sig = libc::WSTOPSIG(status);
+        let event = (status >> 16) & 0xff;
+        if event == libc::PTRACE_EVENT_STOP {
+            if sig == libc::SIGTRAP {
+                Event::Interrupt
+            } else {
+                Event::GroupStop(sig)
+            }
+        } else if event != 0 {
+            Event::PtraceEvent(event)
+        } else {
+            Event::Signal(sig)
+        }
+    } else {
+        // WIFEXITED / WIFSIGNALED: the thread is gone (and reaped by this wait).
+        Event::Gone
+    }
+}
+
+/// One non-blocking `waitpid(tid, __WALL | WNOHANG)`. `None`: nothing to report yet.
+pub(crate) fn wait_nohang(tid: Tid) -> Option<Event> {
+    loop {
+        let mut status: libc::c_int = 0;
+        // SAFETY: waitpid only writes the status through the valid pointer we pass.
+        let r = unsafe { libc::waitpid(tid, &mut status, libc::__WALL | libc::WNOHANG) };
+        if r == 0 {
+            return None;
+        }
+        if r < 0 {
+            match Errno::last() {
+                Errno::EINTR => continue,
+                // ECHILD: not our tracee (any more): it was reaped or never attached.
+                _ => return Some(Event::Gone),
+            }
+        }
+        return Some(decode_status(status));
+    }
+}
+
+/// Waits, bounded by `deadline`, for the next report about `tid`.
+/// `None` on timeout. Polls with short, growing sleeps.
+pub(crate) fn wait_until(tid: Tid, deadline: Instant) -> Option<Event> {
+    let mut backoff = Backoff::new();
+    loop {
+        if let Some(ev) = wait_nohang(tid) {
+            return Some(ev);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        backoff.sleep(deadline);
+    }
+}
+
+/// Short sleeps growing from 20 µs to 5 ms, never past a deadline.
+pub(crate) struct Backoff(Duration);
+
+impl Backoff {
+    pub fn new() -> Self {
+        Backoff(Duration::from_micros(20))
+    }
+    pub fn reset(&mut self) {
+        self.0 = Duration::from_micros(20);
+    }
+    pub fn sleep(&mut self, deadline: Instant) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        thread::sleep(self.0.min(left));
+        self.0 = (self.0 * 2).min(Duration::from_millis(5));
+    }
+}
+
+fn pid(tid: Tid) -> Pid {
+    Pid::from_raw(tid)
+}
+
+/// Raw ptrace request taking an integer `data` (a signal number, an option
+/// mask, ...) and no address.
+fn request(req: libc::c_uint, tid: Tid, data: usize) -> nix::Result<()> {
+    // SAFETY: the requests passed here (CONT, SINGLESTEP, DETACH) read no
+    // memory of ours: `addr` is ignored and `data` is a plain integer.
+    let r = unsafe {
+        libc::ptrace(
+            req,
+            tid,
+            ptr::null_mut::<libc::c_void>(),
+            data as *mut libc::c_void,
+        )
+    };
+    Errno::result(r).map(drop)
+}
+
+pub(crate) fn seize(tid: Tid, trace_clone: bool) -> nix::Result<()> {
+    // Deliberately never PTRACE_O_EXITKILL: if we die, the target lives on.
+    let opts = if trace_clone {
+        ptrace::Options::PTRACE_O_TRACECLONE
+    } else {
+        ptrace::Options::empty()
+    };
+    ptrace::seize(pid(tid), opts)
+}
+
+pub(crate) fn interrupt(tid: Tid) -> nix::Result<()> {
+    ptrace::interrupt(pid(tid))
+}
+
+/// Resume, delivering `sig` (0 for none) if the thread is in a signal-delivery-stop.
+pub(crate) fn cont(tid: Tid, sig: i32) -> nix::Result<()> {
+    request(libc::PTRACE_CONT, tid, sig as usize)
+}
+
+/// Execute one instruction, delivering `sig` (0 for none) first if in a signal-delivery-stop.
+pub(crate) fn step(tid: Tid, sig: i32) -> nix::Result<()> {
+    request(libc::PTRACE_SINGLESTEP, tid, sig as usize)
+}
+
+/// Detach, delivering `sig` (0 for none) if the thread is in a signal-delivery-stop.
+pub(crate) fn detach(tid: Tid, sig: i32) -> nix::Result<()> {
+    request(libc::PTRACE_DETACH, tid, sig as usize)
+}
+
+pub(crate) fn getregs(tid: Tid) -> nix::Result<libc::user_regs_struct> {
+    ptrace::getregs(pid(tid))
+}
+
+pub(crate) fn setregs(tid: Tid, regs: &libc::user_regs_struct) -> nix::Result<()> {
+    ptrace::setregs(pid(tid), *regs)
+}
+
+pub(crate) fn getsiginfo(tid: Tid) -> nix::Result<libc::siginfo_t> {
+    ptrace::getsiginfo(pid(tid))
+}
+
+pub(crate) fn setsiginfo(tid: Tid, info: &libc::siginfo_t) -> nix::Result<()> {
+    ptrace::setsiginfo(pid(tid), info)
+}
+
+/// `PTRACE_GETEVENTMSG`, e.g. the new thread id at a `PTRACE_EVENT_CLONE` stop.
+pub(crate) fn event_msg(tid: Tid) -> nix::Result<i64> {
+    ptrace::getevent(pid(tid))
+}
+
+/// The thread's blocked-signal mask (bit `n - 1` for signal `n`).
+pub(crate) fn getsigmask(tid: Tid) -> nix::Result<u64> {
+    let mut mask: u64 = 0;
+    // SAFETY: PTRACE_GETSIGMASK writes exactly `addr` (= 8, the kernel's
+    // sigset size) bytes to `data`, which points to our u64.
+    let r = unsafe {
+        libc::ptrace(
+            libc::PTRACE_GETSIGMASK,
+            tid,
+            std::mem::size_of::<u64>() as *mut libc::c_void,
+            &mut mask as *mut u64 as *mut libc::c_void,
+        )
+    };
+    Errno::result(r).map(|_| mask)
+}
+
+pub(crate) fn setsigmask(tid: Tid, mask: u64) -> nix::Result<()> {
+    // SAFETY: PTRACE_SETSIGMASK reads exactly `addr` (= 8) bytes from `data`,
+    // which points to our u64.
+    let r = unsafe {
+        libc::ptrace(
+            libc::PTRACE_SETSIGMASK,
+            tid,
+            std::mem::size_of::<u64>() as *mut libc::c_void,
+            &mask as *const u64 as *mut libc::c_void,
+        )
+    };
+    Errno::result(r).map(drop)
+}
+
+/// Sends `sig` to thread `tid` of process `tgid`.
+pub(crate) fn tgkill(tgid: i32, tid: Tid, sig: i32) -> nix::Result<()> {
+    // SAFETY: tgkill takes only integers.
+    let r = unsafe { libc::tgkill(tgid, tid, sig) };
+    Errno::result(r).map(drop)
+}
+
+/// Our own thread id (ptrace's idea of "the tracer").
+pub(crate) fn gettid() -> Tid {
+    nix::unistd::gettid().as_raw()
+}
+
+/// Reaps a thread that is gone or going (after ESRCH on a thread we held),
+/// waiting at most `limit`. Returns whether it was reaped.
+pub(crate) fn reap(tid: Tid, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        match wait_until(tid, deadline) {
+            Some(Event::Gone) => return true,
+            // A stop: it is alive after all; detach it.
+            Some(Event::Signal(sig)) => {
+                if detach(tid, sig).is_ok() {
+                    return true;
+                }
+            }
+            Some(_) => {
+                if detach(tid, 0).is_ok() {
+                    return true;
+                }
+            }
+            None => return false,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Threads we attached but could not get into a ptrace-stop in time (e.g. stuck
+// in uninterruptible sleep). A running tracee cannot be detached: it will stop
+// at its pending PTRACE_INTERRUPT once it leaves the kernel, and must then be
+// detached by this same thread. The kernel also detaches every tracee of a
+// thread when that thread exits.
+
+thread_local! {
+    static ABANDONED: RefCell<Vec<Tid>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Remember a seized thread that could not be detached yet.
+pub(crate) fn abandon(tid: Tid) {
+    ABANDONED.with(|a| {
+        let mut a = a.borrow_mut();
+        if !a.contains(&tid) {
+            a.push(tid);
+        }
+    });
+}
+
+/// Detaches (or reaps) the abandoned threads that have stopped (or died) by
+/// now, waiting at most `wait` for the rest. Returns how many remain attached.
+pub(crate) fn release_abandoned(wait: Duration) -> usize {
+    let deadline = Instant::now() + wait;
+    let mut backoff = Backoff::new();
+    loop {
+        let remaining = ABANDONED.with(|a| {
+            let mut a = a.borrow_mut();
+            a.retain(|&tid| match wait_nohang(tid) {
+                None => true,
+                Some(Event::Gone) => false,
+                // Never lose a signal: a signal-delivery-stop's signal goes
+                // along with the detach.
+                Some(Event::Signal(sig)) => detach(tid, sig).is_err() && !reap_quick(tid),
+                Some(_) => detach(tid, 0).is_err() && !reap_quick(tid),
+            });
+            a.len()
+        });
+        if remaining == 0 || Instant::now() >= deadline {
+            return remaining;
+        }
+        backoff.sleep(deadline);
+    }
+}
+
+fn reap_quick(tid: Tid) -> bool {
+    matches!(wait_nohang(tid), Some(Event::Gone))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode() {
+        // exited with code 3
+        assert_eq!(decode_status(3 << 8), Event::Gone);
+        // killed by SIGKILL
+        assert_eq!(decode_status(9), Event::Gone);
+        // signal-delivery-stop SIGUSR1
+        assert_eq!(decode_status(0x7f | (10 << 8)), Event::Signal(10));
+        // PTRACE_EVENT_STOP with SIGTRAP: interrupt
+        assert_eq!(
+            decode_status(0x7f | (5 << 8) | (libc::PTRACE_EVENT_STOP << 16)),
+            Event::Interrupt
+        );
+        // PTRACE_EVENT_STOP with SIGSTOP: group-stop
+        assert_eq!(
+            decode_status(0x7f | (19 << 8) | (libc::PTRACE_EVENT_STOP << 16)),
+            Event::GroupStop(19)
+        );
+        assert_eq!(
+            decode_status(0x7f | (5 << 8) | (libc::PTRACE_EVENT_CLONE << 16)),
+            Event::PtraceEvent(libc::PTRACE_EVENT_CLONE)
+        );
+        // real-time signal
+        assert_eq!(decode_status(0x7f | (34 << 8)), Event::Signal(34));
+    }
+}

@@ -1,0 +1,168 @@
+//! Text and JSON output of the commands.
+
+use anyhow::Result;
+use serde::Serialize;
+use std::fmt::Write;
+use suture_engine::report::{CheckReport, DisableReport};
+use suture_engine::{ApplyReport, ProcessEntry, StatusReport};
+
+/// Print `r` as JSON or through its text formatter.
+pub fn print<T: Serialize + ?Sized>(json: bool, r: &T, text: fn(&T) -> String) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+    } else {
+        print!("{}", text(r));
+    }
+    Ok(())
+}
+
+fn yes(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+pub fn apply(r: &ApplyReport) -> String {
+    let mut s = format!(
+        "applied patch '{}' to process {}: {} function(s) redirected; code at {} ({} bytes)\n",
+        r.patch,
+        r.pid,
+        r.funcs.len(),
+        r.image,
+        r.image_size
+    );
+    for f in &r.funcs {
+        let _ = writeln!(
+            s,
+            "  {}{} {} -> {}",
+            f.object
+                .as_deref()
+                .map(|o| format!("{o}:"))
+                .unwrap_or_default(),
+            f.name,
+            f.old_addr,
+            f.new_addr
+        );
+    }
+    if !r.replaced.is_empty() {
+        let _ = writeln!(s, "  replaced: {}", r.replaced.join(", "));
+    }
+    s
+}
+
+pub fn disable(r: &DisableReport) -> String {
+    let mut s = format!("disabled patch '{}' in process {}", r.patch, r.pid);
+    if !r.restored.is_empty() {
+        let _ = write!(s, "; original code restored: {}", r.restored.join(", "));
+    }
+    let _ = write!(s, "; {} bytes freed", r.freed_bytes);
+    if r.deferred_bytes > 0 {
+        let _ = write!(
+            s,
+            ", {} bytes kept until no thread can still be using them",
+            r.deferred_bytes
+        );
+    }
+    s.push('\n');
+    s
+}
+
+pub fn status(r: &StatusReport) -> String {
+    let mut s = String::new();
+    if r.patches.is_empty() {
+        let _ = writeln!(s, "process {}: no patches", r.pid);
+    } else {
+        let _ = writeln!(s, "process {}: {} patch(es)", r.pid, r.patches.len());
+    }
+    for p in &r.patches {
+        let _ = writeln!(
+            s,
+            "  {}. {}  enabled={} transition={} replace={}{}",
+            p.stack_order,
+            p.name,
+            yes(p.enabled),
+            yes(p.transition),
+            yes(p.replace),
+            if p.forced { " forced=yes" } else { "" }
+        );
+        for st in &p.states {
+            let _ = writeln!(s, "     state id={} version={}", st.id, st.version);
+        }
+        for o in &p.objects {
+            let _ = writeln!(
+                s,
+                "     object {} ({}, build-id {})  patched={}",
+                o.name.as_deref().unwrap_or("[main program]"),
+                o.path,
+                o.build_id.as_deref().unwrap_or("none"),
+                yes(o.patched)
+            );
+            for f in &o.funcs {
+                let _ = writeln!(
+                    s,
+                    "       {},{}  patched={} transition={} nop={}  {} -> {}",
+                    f.name,
+                    f.sympos,
+                    yes(f.patched),
+                    yes(f.transition),
+                    yes(f.nop),
+                    f.old_addr,
+                    f.new_addr.as_deref().unwrap_or("original")
+                );
+            }
+        }
+    }
+    match &r.transition {
+        None => s.push_str("  transition: none\n"),
+        Some(t) => {
+            let _ = writeln!(
+                s,
+                "  transition: '{}' to {}, {} thread(s) pending",
+                t.patch,
+                t.target,
+                t.pending.len()
+            );
+            for p in &t.pending {
+                let _ = writeln!(
+                    s,
+                    "    thread {} ({}) {}",
+                    p.tid,
+                    p.name,
+                    p.frames.first().map(String::as_str).unwrap_or("")
+                );
+            }
+        }
+    }
+    s
+}
+
+pub fn list(r: &Vec<ProcessEntry>) -> String {
+    let mut s = String::new();
+    if r.is_empty() {
+        s.push_str("no process carries suture patches\n");
+    }
+    for p in r {
+        match &p.error {
+            Some(e) => {
+                let _ = writeln!(s, "{} {}: {}", p.pid, p.command, e);
+            }
+            None => {
+                let _ = writeln!(s, "{} {}: {}", p.pid, p.command, p.patches.join(", "));
+            }
+        }
+    }
+    s
+}
+
+pub fn check(r: &CheckReport) -> String {
+    let mut s = format!(
+        "patch '{}' can be applied to process {} (nothing was changed):\n",
+        r.patch, r.pid
+    );
+    for c in &r.checks {
+        let _ = writeln!(s, "  ok  {:<10} {}", c.check, c.detail);
+    }
+    s
+}

@@ -1,0 +1,174 @@
+//! Bad input: one clear sentence, exit status 1, the target unchanged and
+//! still running.
+
+mod common;
+use common::*;
+use std::process::{Command, Stdio};
+
+fn f(name: &str) -> String {
+    fixture(name).to_str().unwrap().to_string()
+}
+
+/// Run `args` (with the target's pid as the second word) expecting failure,
+/// and check the target kept running with its code and results unchanged.
+fn refused(t: &mut Target, args: &[&str]) -> String {
+    let a = t.addr("compute_static");
+    let g = t.addr("compute_global");
+    let before = (read_mem(t.pid, a, 8), read_mem(t.pid, g, 16));
+    let maps_before = suture_maps(t.pid);
+    let e = fails(args);
+    assert_eq!(e.trim_end().lines().count(), 1, "one sentence: {e}");
+    assert!(t.alive());
+    assert_eq!((read_mem(t.pid, a, 8), read_mem(t.pid, g, 16)), before);
+    assert_eq!(suture_maps(t.pid), maps_before, "suture memory left behind");
+    let r = t.fresh_results();
+    assert!(r.iter().all(|x| (x.1, x.2, x.3) == (2, 101, 1001)), "{r:?}");
+    e
+}
+
+fn suture_maps(pid: i32) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("suture-") && !l.contains("suture-state"))
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn no_such_process() {
+    let e = fails(&["apply", "999999999", &f("static.o")]);
+    assert!(e.contains("999999999"), "{e}");
+    let e = fails(&["status", "999999999"]);
+    assert!(e.contains("no process") || e.contains("No such") || e.contains("not exist"), "{e}");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let out = suture(&["apply"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = suture(&["apply", "notapid", "x.o"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn corrupt_and_foreign_patch_files() {
+    let mut t = Target::standard("target");
+    let p = t.pid.to_string();
+    let e = refused(&mut t, &["apply", &p, &f("garbage.o")]);
+    assert!(e.contains("garbage.o"), "{e}");
+    let e = refused(&mut t, &["apply", &p, &f("nodesc.o")]);
+    assert!(e.contains("SUTURE_PATCH"), "{e}");
+    let e = refused(&mut t, &["apply", &p, "/nonexistent/patch.o"]);
+    assert!(e.contains("/nonexistent/patch.o"), "{e}");
+    // The same object marked as aarch64.
+    let dir = tempfile::tempdir().unwrap();
+    let mut bytes = std::fs::read(fixture("static.o")).unwrap();
+    bytes[18] = 183;
+    bytes[19] = 0;
+    let arm = dir.path().join("arm.o");
+    std::fs::write(&arm, bytes).unwrap();
+    let e = refused(&mut t, &["apply", &p, arm.to_str().unwrap()]);
+    assert!(e.to_lowercase().contains("aarch64") || e.contains("x86_64"), "{e}");
+    // A shared object is not a patch.
+    let e = refused(&mut t, &["apply", &p, &f("libfixture.so")]);
+    assert!(e.contains("relocatable"), "{e}");
+}
+
+#[test]
+fn missing_symbol_suggests_close_names() {
+    let mut t = Target::standard("target");
+    let p = t.pid.to_string();
+    let e = refused(&mut t, &["apply", &p, &f("missing.o")]);
+    assert!(e.contains("compute_statik"), "{e}");
+    assert!(e.contains("compute_static"), "suggestion missing: {e}");
+}
+
+#[test]
+fn ambiguous_local_symbol_lists_candidates() {
+    let mut t = Target::standard("target");
+    let p = t.pid.to_string();
+    let e = refused(&mut t, &["apply", &p, &f("dup0.o")]);
+    assert!(e.contains("dup"), "{e}");
+    assert!(e.contains('1') && e.contains('2'), "candidates with sympos: {e}");
+}
+
+#[test]
+fn object_not_mapped() {
+    let mut t = Target::standard("target");
+    let p = t.pid.to_string();
+    let e = refused(&mut t, &["apply", &p, &f("noobj.o")]);
+    assert!(e.contains("libnotloaded.so.3"), "{e}");
+}
+
+#[test]
+fn build_id_mismatch() {
+    let mut t = Target::standard("target");
+    let p = t.pid.to_string();
+    let e = refused(&mut t, &["apply", &p, &f("buildid.o")]);
+    assert!(e.contains("build-id"), "{e}");
+    assert!(e.contains("0123456789abcdef"), "{e}");
+}
+
+#[test]
+fn already_applied_name() {
+    let mut t = Target::standard("target");
+    let p = t.pid.to_string();
+    ok(&["apply", &p, &f("global.o")]);
+    let g = t.addr("compute_global");
+    let before = read_mem(t.pid, g, 16);
+    let e = fails(&["apply", &p, &f("global.o")]);
+    assert!(e.contains("already applied"), "{e}");
+    assert_eq!(read_mem(t.pid, g, 16), before);
+    ok(&["disable", &p, "global"]);
+    let e = fails(&["disable", &p, "global"]);
+    assert!(e.contains("global"), "{e}");
+}
+
+#[test]
+fn function_too_small_or_with_branch_into_site() {
+    let mut t = Target::start("tiny", &[]);
+    let p = t.pid.to_string();
+    let e = fails(&["apply", &p, &f("tiny.o")]);
+    assert!(e.contains("tiny") && e.contains("bytes"), "{e}");
+    let e = fails(&["apply", &p, &f("loopy.o")]);
+    assert!(e.contains("loopy"), "{e}");
+    assert!(t.alive());
+}
+
+#[test]
+fn another_tracer_is_named() {
+    let mut t = Target::standard("target");
+    let p = t.pid.to_string();
+    let mut strace = Command::new("strace")
+        .args(["-f", "-o", "/dev/null", "-p", &p])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("strace");
+    // Wait until strace is attached (TracerPid is set).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let st = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap();
+        if st.lines().any(|l| l.starts_with("TracerPid:") && l.trim_end() != "TracerPid:\t0") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "strace did not attach");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let e = fails(&["apply", &p, &f("static.o")]);
+    let _ = strace.kill();
+    let _ = strace.wait();
+    assert!(e.contains("strace") || e.contains("traced"), "{e}");
+    assert!(t.alive());
+}
+
+#[test]
+fn target_that_exits_is_reported() {
+    let mut t = Target::standard("target");
+    let p = t.pid.to_string();
+    // Kill the target, then ask for an apply on the dead (zombie/reaped) pid.
+    let pid = t.pid;
+    drop(t);
+    let e = fails(&["apply", &pid.to_string(), &f("static.o")]);
+    assert!(e.contains(&p), "{e}");
+}

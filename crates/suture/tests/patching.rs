@@ -1,0 +1,209 @@
+//! End-to-end: patch real multi-threaded C processes with the `suture` CLI.
+
+mod common;
+use common::*;
+
+const BASE: (i64, i64, i64) = (2, 101, 1001);
+
+fn results(t: &mut Target) -> Vec<(i64, i64, i64)> {
+    t.fresh_results()
+        .into_iter()
+        .map(|(_, s, g, l)| (s, g, l))
+        .collect()
+}
+
+fn all(t: &mut Target, want: (i64, i64, i64)) {
+    let r = results(t);
+    assert!(r.iter().all(|x| *x == want), "expected {want:?} in every thread, got {r:?}");
+}
+
+fn pid(t: &Target) -> String {
+    t.pid.to_string()
+}
+
+fn f(name: &str) -> String {
+    fixture(name).to_str().unwrap().to_string()
+}
+
+fn bytes_of(t: &mut Target, func: &str, len: usize) -> Vec<u8> {
+    let a = t.addr(func);
+    read_mem(t.pid, a, len)
+}
+
+#[test]
+fn static_and_global_functions_in_a_pie_program() {
+    let mut t = Target::standard("target");
+    all(&mut t, BASE);
+    let out = ok(&["apply", &pid(&t), &f("static.o")]);
+    assert!(out.contains("applied patch 'static'"), "{out}");
+    // The patch calls a static helper, reads a static variable, calls libc.
+    all(&mut t, (44, 101, 1001));
+    ok(&["apply", &pid(&t), &f("global.o")]);
+    all(&mut t, (44, 201, 1001));
+
+    let st = json(&["status", &pid(&t), "--json"]);
+    assert_eq!(st["pid"], t.pid);
+    let names: Vec<&str> = st["patches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["static", "global"], "the name defaults to the file stem");
+    let p0 = &st["patches"][0];
+    assert_eq!(p0["enabled"], true);
+    assert_eq!(p0["transition"], false);
+    assert_eq!(p0["replace"], false);
+    assert_eq!(p0["stack_order"], 1);
+    assert_eq!(p0["objects"][0]["name"], serde_json::Value::Null);
+    assert_eq!(p0["objects"][0]["patched"], true);
+    assert!(p0["objects"][0]["build_id"].is_string());
+    let func = &p0["objects"][0]["funcs"][0];
+    assert_eq!(func["name"], "compute_static");
+    assert_eq!(func["sympos"], 1);
+    assert_eq!(func["nop"], false);
+    assert_eq!(func["patched"], true);
+    assert_eq!(func["transition"], false);
+    assert_eq!(st["transition"], serde_json::Value::Null);
+
+    let text = ok(&["status", &pid(&t)]);
+    assert!(text.contains("compute_static,1"), "{text}");
+    let list = ok(&["list", "--json"]);
+    let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert!(list
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["pid"] == t.pid && e["patches"].as_array().unwrap().len() == 2));
+
+    ok(&["disable", &pid(&t), "static"]);
+    all(&mut t, (2, 201, 1001));
+    ok(&["disable", &pid(&t), "global"]);
+    all(&mut t, BASE);
+    let a = t.addr("compute_static");
+    let bin = fixture("target");
+    assert_eq!(read_mem(t.pid, a, 8), file_bytes(t.pid, &bin, a, 8));
+    let st = json(&["status", &pid(&t), "--json"]);
+    assert_eq!(st["patches"].as_array().unwrap().len(), 0);
+}
+
+#[test]
+fn non_pie_program() {
+    let mut t = Target::standard("target-nopie");
+    all(&mut t, BASE);
+    ok(&["apply", &pid(&t), &f("static.o")]);
+    ok(&["apply", &pid(&t), &f("global.o")]);
+    all(&mut t, (44, 201, 1001));
+    ok(&["disable", &pid(&t), "static"]);
+    ok(&["disable", &pid(&t), "global"]);
+    all(&mut t, BASE);
+    let a = t.addr("compute_global");
+    assert_eq!(read_mem(t.pid, a, 0x2f), file_bytes(t.pid, &fixture("target-nopie"), a, 0x2f));
+}
+
+#[test]
+fn stripped_program_uses_dynsym() {
+    let mut t = Target::standard("target-stripped");
+    ok(&["apply", &pid(&t), &f("global.o")]);
+    all(&mut t, (2, 201, 1001));
+    // Static symbols are gone with .symtab: a clear error, nothing changed.
+    let before = bytes_of(&mut t, "compute_static", 8);
+    let e = fails(&["apply", &pid(&t), &f("static.o")]);
+    assert!(e.contains("compute_static"), "{e}");
+    assert_eq!(bytes_of(&mut t, "compute_static", 8), before);
+    ok(&["disable", &pid(&t), "global"]);
+    all(&mut t, BASE);
+}
+
+#[test]
+fn shared_library_loaded_with_dlopen() {
+    let mut t = Target::standard("target");
+    ok(&["apply", &pid(&t), &f("lib.o")]);
+    all(&mut t, (2, 101, 2001));
+    let st = json(&["status", &pid(&t), "--json"]);
+    assert_eq!(st["patches"][0]["objects"][0]["name"], "libfixture.so");
+    ok(&["disable", &pid(&t), "lib"]);
+    all(&mut t, BASE);
+}
+
+#[test]
+fn stacking_newest_wins_and_original_bytes_come_back() {
+    let mut t = Target::standard("target");
+    let a = t.addr("compute_static");
+    let original = read_mem(t.pid, a, 8);
+    assert_eq!(original, file_bytes(t.pid, &fixture("target"), a, 8));
+    ok(&["apply", &pid(&t), &f("stack1.o")]);
+    all(&mut t, (11, 101, 1001));
+    ok(&["apply", &pid(&t), &f("stack2.o")]);
+    all(&mut t, (21, 101, 1001));
+    // Disabling the top one brings back the one below.
+    ok(&["disable", &pid(&t), "stack2"]);
+    all(&mut t, (11, 101, 1001));
+    ok(&["apply", &pid(&t), &f("stack2.o")]);
+    all(&mut t, (21, 101, 1001));
+    // Disabling a lower one keeps the top in effect.
+    ok(&["disable", &pid(&t), "stack1"]);
+    all(&mut t, (21, 101, 1001));
+    ok(&["disable", &pid(&t), "stack2"]);
+    all(&mut t, BASE);
+    assert_eq!(read_mem(t.pid, a, 8), original, "original bytes restored exactly");
+}
+
+#[test]
+fn hundred_apply_disable_cycles() {
+    let mut t = Target::standard("target");
+    for i in 0..100 {
+        ok(&["apply", &pid(&t), &f("static.o")]);
+        if i % 10 == 0 {
+            all(&mut t, (44, 101, 1001));
+        }
+        ok(&["disable", &pid(&t), "static"]);
+        let r = t.query();
+        assert!(r.iter().all(|x| (x.1 == 2 || x.1 == 44) && x.2 == 101), "{r:?}");
+    }
+    all(&mut t, BASE);
+    assert!(t.alive());
+    // Nothing of suture's is left but its (empty) state record.
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", t.pid)).unwrap();
+    let ours: Vec<&str> = maps.lines().filter(|l| l.contains("/memfd:suture-")).collect();
+    assert!(
+        ours.iter().all(|l| l.contains("suture-state")),
+        "leftover mappings: {ours:?}"
+    );
+}
+
+#[test]
+fn check_changes_nothing() {
+    let mut t = Target::standard("target");
+    let before = bytes_of(&mut t, "compute_static", 8);
+    let maps_before = std::fs::read_to_string(format!("/proc/{}/maps", t.pid)).unwrap();
+    let out = ok(&["check", &pid(&t), &f("static.o")]);
+    assert!(out.contains("can be applied"), "{out}");
+    assert!(out.contains("compute_static"), "{out}");
+    let js = json(&["check", &pid(&t), &f("static.o"), "--json"]);
+    assert_eq!(js["patch"], "static");
+    assert_eq!(bytes_of(&mut t, "compute_static", 8), before);
+    let maps_after = std::fs::read_to_string(format!("/proc/{}/maps", t.pid)).unwrap();
+    assert!(!maps_after.contains("suture"), "check mapped memory");
+    assert_eq!(
+        maps_before.lines().filter(|l| !l.contains("[stack")).count(),
+        maps_after.lines().filter(|l| !l.contains("[stack")).count()
+    );
+    all(&mut t, BASE);
+    // check also reports what apply would refuse.
+    let e = fails(&["check", &pid(&t), &f("missing.o")]);
+    assert!(e.contains("compute_statik"), "{e}");
+}
+
+#[test]
+fn sympos_picks_one_of_two_static_functions() {
+    let mut t = Target::standard("target");
+    let e = fails(&["apply", &pid(&t), &f("dup0.o")]);
+    assert!(e.contains("dup"), "{e}");
+    assert!(e.contains("sympos"), "the error names how to choose: {e}");
+    ok(&["apply", &pid(&t), &f("dup2.o")]);
+    let st = json(&["status", &pid(&t), "--json"]);
+    assert_eq!(st["patches"][0]["objects"][0]["funcs"][0]["sympos"], 2);
+    all(&mut t, BASE);
+    ok(&["disable", &pid(&t), "dup"]);
+}
