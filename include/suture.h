@@ -41,6 +41,8 @@
 #ifndef SUTURE_H
 #define SUTURE_H
 
+#include <stddef.h> /* NULL */
+
 #define SUTURE_ABI_VERSION 1
 
 struct suture_object;

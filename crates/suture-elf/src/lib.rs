@@ -17,7 +17,7 @@ pub mod patch;
 pub mod symbols;
 
 pub use error::{Error, ResolveFailure};
-pub use link::{LinkedImage, Layout, Prot, Region};
+pub use link::{Layout, LinkedImage, Prot, Region};
 pub use patch::{
     CallbacksDesc, FuncDesc, ObjectDesc, PatchDesc, PatchFile, StateDesc, SymRef, SymbolAlias,
 };

@@ -293,9 +293,15 @@ impl Layout {
             let ctor = matches!(
                 s.sh_type,
                 elf::SHT_INIT_ARRAY | elf::SHT_FINI_ARRAY | elf::SHT_PREINIT_ARRAY
-            ) || [".ctors", ".dtors", ".init_array", ".fini_array", ".preinit_array"]
-                .iter()
-                .any(|p| s.name == *p || s.name.starts_with(&format!("{p}.")))
+            ) || [
+                ".ctors",
+                ".dtors",
+                ".init_array",
+                ".fini_array",
+                ".preinit_array",
+            ]
+            .iter()
+            .any(|p| s.name == *p || s.name.starts_with(&format!("{p}.")))
                 || s.name == ".init"
                 || s.name == ".fini";
             if ctor {
@@ -382,7 +388,10 @@ impl Layout {
                         at()
                     )));
                 }
-                if r.offset.checked_add(field.width()).is_none_or(|e| e > s.size) {
+                if r.offset
+                    .checked_add(field.width())
+                    .is_none_or(|e| e > s.size)
+                {
                     return Err(Error::Invalid(format!(
                         "{what} is corrupt: relocation at {} is past the end of the section",
                         at()
@@ -420,18 +429,13 @@ impl Layout {
                 let external = matches!(sym.place, SymPlace::Undefined | SymPlace::Absolute)
                     && r.sym != 0
                     && sym.name != GOT_SYMBOL;
-                match calc {
-                    Calc::GotRel | Calc::GotEntry => {
-                        if seen_got.insert(r.sym) {
-                            got_syms.push(r.sym);
-                        }
-                    }
-                    Calc::Plt | Calc::PltOff if external => {
-                        if seen_plt.insert(r.sym) {
-                            plt_syms.push(r.sym);
-                        }
-                    }
-                    _ => {}
+                let needs_got = matches!(calc, Calc::GotRel | Calc::GotEntry);
+                let needs_plt = external && matches!(calc, Calc::Plt | Calc::PltOff);
+                if needs_got && seen_got.insert(r.sym) {
+                    got_syms.push(r.sym);
+                }
+                if needs_plt && seen_plt.insert(r.sym) {
+                    plt_syms.push(r.sym);
                 }
             }
         }

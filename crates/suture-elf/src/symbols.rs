@@ -79,7 +79,11 @@ pub enum LookupError {
         candidates: Vec<Symbol>,
     },
     #[error("sympos {sympos} for `{name}` is out of range: there {}", count_msg(*count))]
-    SymposOutOfRange { name: String, sympos: u64, count: u64 },
+    SymposOutOfRange {
+        name: String,
+        sympos: u64,
+        count: u64,
+    },
 }
 
 fn count_msg(count: u64) -> String {
@@ -237,11 +241,11 @@ impl ObjectFile {
                 continue;
             };
             for d in dynamic {
-                let tag = d.d_tag(endian) as i64;
-                if tag == elf::DT_NULL as i64 {
+                let tag = d.d_tag(endian);
+                if tag == elf::DT_NULL {
                     break;
                 }
-                if tag == elf::DT_SONAME as i64 {
+                if tag == elf::DT_SONAME {
                     if let Ok(s) = strings.get(d.d_val(endian) as u32) {
                         soname = Some(String::from_utf8_lossy(s).into_owned());
                     }
@@ -408,7 +412,9 @@ impl ObjectFile {
             .or_else(|| {
                 self.segments.iter().filter(usable).find(|s| {
                     page_down(s.offset) <= map_offset
-                        && s.offset.checked_add(s.filesz).is_some_and(|e| map_offset < e)
+                        && s.offset
+                            .checked_add(s.filesz)
+                            .is_some_and(|e| map_offset < e)
                 })
             })?;
         // The link-time address that file offset `map_offset` maps to.

@@ -216,7 +216,10 @@ fn calls_got_plt_and_descriptor() {
     assert!(read_i32(&img, fde) > 0);
     let pc_field = fde + 8;
     let pc_begin = (pc_field as i64 + read_i32(&img, pc_field) as i64) as u64;
-    assert!(pc_begin >= text_start && pc_begin < text_end, "{pc_begin:#x}");
+    assert!(
+        pc_begin >= text_start && pc_begin < text_end,
+        "{pc_begin:#x}"
+    );
 }
 
 #[test]
@@ -429,7 +432,9 @@ fn large_code_model_links() {
             })
             .expect("GOTPC64");
         let p = addr_of_section(&img, r.section_index) + r.offset;
-        let l = got.wrapping_add(read_u64(&img, p)).wrapping_sub(r.addend as u64);
+        let l = got
+            .wrapping_add(read_u64(&img, p))
+            .wrapping_sub(r.addend as u64);
         if l != FAR_FN {
             assert_eq!(read_u64(&img, l + 6), FAR_FN);
         }

@@ -4,6 +4,7 @@
 mod common;
 
 use common::{Cc, SIMPLE_PATCH};
+use object::{Object, ObjectSection};
 use suture_elf::{ObjectFile, PatchFile, ResolveFailure};
 
 /// xorshift64*: deterministic, dependency-free.
@@ -31,12 +32,43 @@ fn params(iters: usize, seed: u64) -> (usize, u64) {
     )
 }
 
-/// Mutate 1-8 bytes: random values, bit flips, or interesting integers;
-/// sometimes truncate.
-fn mutate(rng: &mut Rng, good: &[u8]) -> Vec<u8> {
+/// File ranges worth mutating more often than code: the ELF and program
+/// headers, the section header table and every non-code section.
+fn hot_ranges(bytes: &[u8]) -> Vec<(usize, usize)> {
+    let f = object::File::parse(bytes).unwrap();
+    let mut out = vec![(0, 64)];
+    let shoff = u64::from_le_bytes(bytes[0x28..0x30].try_into().unwrap()) as usize;
+    let shnum = u16::from_le_bytes([bytes[0x3c], bytes[0x3d]]) as usize;
+    out.push((shoff, shoff + shnum * 64));
+    let phoff = u64::from_le_bytes(bytes[0x20..0x28].try_into().unwrap()) as usize;
+    let phnum = u16::from_le_bytes([bytes[0x38], bytes[0x39]]) as usize;
+    if phnum > 0 {
+        out.push((phoff, phoff + phnum * 56));
+    }
+    for s in f.sections() {
+        if s.kind() == object::SectionKind::Text {
+            continue;
+        }
+        if let Some((off, size)) = s.file_range() {
+            if size > 0 {
+                out.push((off as usize, (off + size) as usize));
+            }
+        }
+    }
+    out
+}
+
+/// Mutate 1-8 bytes (half of them in `hot` ranges): random values, bit
+/// flips, or interesting integers; sometimes truncate.
+fn mutate(rng: &mut Rng, good: &[u8], hot: &[(usize, usize)]) -> Vec<u8> {
     let mut b = good.to_vec();
     for _ in 0..1 + rng.below(8) {
-        let at = rng.below(b.len());
+        let at = if rng.below(2) == 0 {
+            let (start, end) = hot[rng.below(hot.len())];
+            start + rng.below(end - start)
+        } else {
+            rng.below(b.len())
+        };
         match rng.below(4) {
             0 => b[at] = rng.next() as u8,
             1 => b[at] ^= 1 << rng.below(8),
@@ -59,11 +91,12 @@ fn mutated_patches_never_panic() {
     let cc = Cc::new();
     let good = cc.patch("simple", SIMPLE_PATCH);
     assert!(PatchFile::parse(good.clone(), "simple").is_ok());
+    let hot = hot_ranges(&good);
     let (iters, seed) = params(5000, 0x5eed_1234_abcd_0001);
     let mut rng = Rng(seed | 1);
     let (mut parsed, mut linked) = (0, 0);
     for _ in 0..iters {
-        let bytes = mutate(&mut rng, &good);
+        let bytes = mutate(&mut rng, &good, &hot);
         let Ok(p) = PatchFile::parse(bytes, "m") else {
             continue;
         };
@@ -102,7 +135,10 @@ fn mutated_patches_never_panic() {
     }
     // The mutations must leave some files parseable, or this tests little.
     eprintln!("{iters} mutations: {parsed} parsed, {linked} linked");
-    assert!(parsed > 100 && linked > 50, "parsed {parsed}, linked {linked}");
+    assert!(
+        parsed > 100 && linked > 50,
+        "parsed {parsed}, linked {linked}"
+    );
 }
 
 #[test]
@@ -112,11 +148,12 @@ fn mutated_objects_never_panic() {
     cc.cc(&["-O1", "-Wl,--build-id", "-rdynamic", "a.c", "-o", "a"]);
     let good = cc.read("a");
     assert!(ObjectFile::parse(&good).is_ok());
+    let hot = hot_ranges(&good);
     let (iters, seed) = params(3000, 0x0b1e_c7f1_1e00_0002);
     let mut rng = Rng(seed | 1);
     let mut parsed = 0;
     for _ in 0..iters {
-        let bytes = mutate(&mut rng, &good);
+        let bytes = mutate(&mut rng, &good, &hot);
         let Ok(o) = ObjectFile::parse(&bytes) else {
             continue;
         };

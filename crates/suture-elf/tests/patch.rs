@@ -163,10 +163,7 @@ fn wrong_architecture_class_and_endianness() {
     let mut aarch64 = good.clone();
     aarch64[18..20].copy_from_slice(&183u16.to_le_bytes());
     let e = parse_err(aarch64);
-    assert_eq!(
-        e,
-        "patch `bad` is an aarch64 object; suture needs x86_64"
-    );
+    assert_eq!(e, "patch `bad` is an aarch64 object; suture needs x86_64");
 
     let mut class32 = good.clone();
     class32[4] = 1;
@@ -210,9 +207,8 @@ fn no_descriptor() {
 #[test]
 fn two_descriptors() {
     let cc = Cc::new();
-    let src = format!(
-        "{SIMPLE_PATCH}\nSUTURE_PATCH(second) = {{ .name = \"again\", .objs = objs }};\n"
-    );
+    let src =
+        format!("{SIMPLE_PATCH}\nSUTURE_PATCH(second) = {{ .name = \"again\", .objs = objs }};\n");
     let e = parse_err(cc.patch("two", &src));
     assert!(e.contains("more than one SUTURE_PATCH descriptor"), "{e}");
 }
@@ -343,7 +339,10 @@ fn out_of_range_section_and_truncation() {
 
     for len in [64, 100, good.len() / 2, good.len() - 1] {
         let e = parse_err(good[..len].to_vec());
-        assert!(e.contains("corrupt") || e.contains("truncated"), "{len}: {e}");
+        assert!(
+            e.contains("corrupt") || e.contains("truncated"),
+            "{len}: {e}"
+        );
     }
 }
 

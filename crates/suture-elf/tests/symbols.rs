@@ -32,7 +32,16 @@ fn build() -> Cc {
     cc.write("main.c", MAIN_C);
     let common = ["-O1", "-Wl,--build-id"];
     let mut args = common.to_vec();
-    args.extend(["-fPIE", "-pie", "-rdynamic", "main.c", "a.c", "b.c", "-o", "pie"]);
+    args.extend([
+        "-fPIE",
+        "-pie",
+        "-rdynamic",
+        "main.c",
+        "a.c",
+        "b.c",
+        "-o",
+        "pie",
+    ]);
     cc.cc(&args);
     let mut args = common.to_vec();
     args.extend(["-fno-pie", "-no-pie", "main.c", "a.c", "b.c", "-o", "exec"]);
@@ -58,7 +67,11 @@ fn parse(cc: &Cc, name: &str) -> ObjectFile {
 
 /// The build id as `readelf -n` prints it.
 fn readelf_build_id(path: &std::path::Path) -> String {
-    let out = Command::new("readelf").arg("-n").arg(path).output().unwrap();
+    let out = Command::new("readelf")
+        .arg("-n")
+        .arg(path)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     text.lines()
         .find_map(|l| l.trim().strip_prefix("Build ID: "))
@@ -81,10 +94,15 @@ fn duplicate_statics_are_ambiguous() {
         assert_eq!(candidates.len(), 2, "{file}");
         assert_eq!(candidates[0].sympos, 1);
         assert_eq!(candidates[1].sympos, 2);
-        assert!(candidates.iter().all(|c| c.local && c.kind == SymKind::Func));
+        assert!(candidates
+            .iter()
+            .all(|c| c.local && c.kind == SymKind::Func));
         assert_ne!(candidates[0].vaddr, candidates[1].vaddr);
         let msg = err.to_string();
-        assert!(msg.contains("sympos 1: 0x") && msg.contains("sympos 2: 0x"), "{msg}");
+        assert!(
+            msg.contains("sympos 1: 0x") && msg.contains("sympos 2: 0x"),
+            "{msg}"
+        );
         assert!(msg.contains("local"), "{msg}");
         assert!(msg.contains("set .old_sympos"), "{msg}");
 
@@ -106,7 +124,9 @@ fn duplicate_statics_are_ambiguous() {
             panic!("{err:?}")
         };
         assert_eq!(candidates.len(), 2);
-        assert!(candidates.iter().any(|c| !c.local && c.kind == SymKind::Object));
+        assert!(candidates
+            .iter()
+            .any(|c| !c.local && c.kind == SymKind::Object));
         assert!(candidates.iter().any(|c| c.local));
 
         let a = obj.lookup("a_fn", 0).unwrap();
@@ -138,9 +158,7 @@ fn not_found_suggests_close_names() {
     assert!(suggestions.contains(&"b_fn".to_string()), "{suggestions:?}");
     assert!(suggestions.contains(&"a_fn".to_string()), "{suggestions:?}");
 
-    let err = obj
-        .lookup("completely_unrelated_name_xyz", 0)
-        .unwrap_err();
+    let err = obj.lookup("completely_unrelated_name_xyz", 0).unwrap_err();
     assert_eq!(
         err,
         LookupError::NotFound {
@@ -157,12 +175,17 @@ fn build_id_soname_and_kind() {
         let obj = parse(&cc, file);
         let id = obj.build_id().expect("build id");
         assert_eq!(id, readelf_build_id(&cc.path(file)), "{file}");
-        assert!(id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert!(id
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
     }
     assert!(parse(&cc, "exec").is_exec());
     assert!(!parse(&cc, "pie").is_exec());
     assert!(!parse(&cc, "libdup.so").is_exec());
-    assert_eq!(parse(&cc, "libdup.so").soname().as_deref(), Some("libdup.so.1"));
+    assert_eq!(
+        parse(&cc, "libdup.so").soname().as_deref(),
+        Some("libdup.so.1")
+    );
     assert_eq!(parse(&cc, "pie").soname(), None);
 }
 
@@ -199,7 +222,10 @@ fn stripped_falls_back_to_dynsym() {
     assert!(!obj.has_symtab());
     let full = parse(&cc, "pie").lookup("a_fn", 0).unwrap();
     let a = obj.lookup("a_fn", 0).unwrap();
-    assert_eq!((a.vaddr, a.size, a.kind, a.local), (full.vaddr, full.size, SymKind::Func, false));
+    assert_eq!(
+        (a.vaddr, a.size, a.kind, a.local),
+        (full.vaddr, full.size, SymKind::Func, false)
+    );
     assert!(matches!(
         obj.lookup("helper", 0),
         Err(LookupError::NotFound { .. })
@@ -228,7 +254,9 @@ const LIBC: &str = "/lib/x86_64-linux-gnu/libc.so.6";
 
 /// `(name, address)` of every `.dynsym` entry readelf prints as `name@@VER`
 /// (default) and as `name@VER` (hidden).
-fn readelf_versions() -> (Vec<(String, u64)>, Vec<(String, u64)>) {
+type Named = Vec<(String, u64)>;
+
+fn readelf_versions() -> (Named, Named) {
     let out = Command::new("readelf")
         .args(["-W", "--dyn-syms", LIBC])
         .output()

@@ -24,6 +24,8 @@ use suture_x86::{in_rel32_range, jmp_abs, jmp_rel32, SitePlan};
 
 const HIJACK_TIMEOUT: Duration = Duration::from_secs(3);
 const LOCK_WAIT: Duration = Duration::from_secs(30);
+/// Checks for retired memory after an operation.
+const GC_ATTEMPTS: u32 = 8;
 
 /// Reads target memory for the site planner (jump tables).
 struct TargetMemory<'a>(&'a Process);
@@ -91,7 +93,6 @@ struct NewSite {
 
 /// Everything `apply` needs, computed without changing the target.
 struct Prepared {
-    file: PatchFile,
     layout: Layout,
     desc: PatchDesc,
     /// The model's patch; new function addresses are filled in after linking.
@@ -273,7 +274,6 @@ fn prepare(s: &Session, path: &Path) -> Result<Prepared, Error> {
         .map(|o| (o.start, o.end))
         .unwrap_or((0, 0));
     Ok(Prepared {
-        file,
         layout,
         desc,
         patch,
@@ -351,7 +351,6 @@ fn apply_prepared(
     undo: &mut Undo,
 ) -> Result<ApplyReport, Error> {
     let Prepared {
-        file: _,
         layout,
         desc,
         mut patch,
@@ -483,8 +482,7 @@ fn apply_prepared(
         sites.insert(r.func_addr, r);
     }
     let writes = site_writes(s, &mut sites, &before, &after)?;
-    let removed_mem = regions_of_removed(s, &completion.removed);
-    let outcome = write_code(&s.proc, &writes, &removed_mem)?;
+    write_code(&s.proc, &writes, &[])?;
 
     // Committed: the jumps are in place. Record it.
     undo.regions.clear();
@@ -504,7 +502,10 @@ fn apply_prepared(
     );
     s.rec.sites = sites;
     s.rec.model = model;
-    let (_, _) = release_removed(s, &completion.removed, &outcome.free)?;
+    retire_removed(s, &completion.removed);
+    // Record the committed state before anything else can fail.
+    s.save(None)?;
+    collect_garbage(s, GC_ATTEMPTS)?;
     s.save(None)?;
 
     let funcs = s
@@ -602,46 +603,89 @@ fn jump_to(s: &Session, site: &Site, to: u64) -> Result<Vec<u8>, Error> {
     Ok(bytes)
 }
 
-fn regions_of_removed(s: &Session, removed: &[Patch]) -> Vec<Region> {
-    let mut v: Vec<Region> = removed
-        .iter()
-        .filter(|p| !p.forced)
-        .filter_map(|p| s.rec.patches.get(&p.name))
-        .map(|m| m.image.clone())
-        .collect();
-    v.extend(s.rec.retired.iter().map(|m| m.image.clone()));
-    v
+/// Move the memory of patches that left the list to `retired` (forced
+/// patches' code is kept for good: a thread may still run it).
+fn retire_removed(s: &mut Session, removed: &[Patch]) {
+    for p in removed {
+        if let Some(m) = s.rec.patches.remove(&p.name) {
+            if p.forced {
+                s.rec.kept_forced.push(m);
+            } else {
+                s.rec.retired.push(m);
+            }
+        }
+    }
 }
 
-/// Unmap the memory of removed patches that no thread can still use; keep
-/// the rest as retired for a later attempt. Returns (freed, kept) bytes.
-fn release_removed(s: &mut Session, removed: &[Patch], free: &[bool]) -> Result<(u64, u64), Error> {
-    let mut candidates: Vec<PatchMemory> = removed
-        .iter()
-        .filter_map(|p| {
-            let m = s.rec.patches.remove(&p.name)?;
-            (!p.forced).then_some(m)
-        })
-        .collect();
-    candidates.extend(std::mem::take(&mut s.rec.retired));
-    let (mut freed, mut kept) = (0, 0);
-    let mut unmap = Vec::new();
-    for (i, m) in candidates.into_iter().enumerate() {
-        if free.get(i).copied().unwrap_or(false) {
-            freed += m.image.len;
-            unmap.push(m.image.clone());
-        } else {
-            kept += m.image.len;
-            s.rec.retired.push(m);
+/// Release retired memory (patch images, site slots) that no thread can
+/// still be executing or returning into, and arenas left empty. Checks
+/// again a few times, since a thread usually leaves old code within
+/// microseconds. Returns (freed, kept) bytes.
+fn collect_garbage(s: &mut Session, attempts: u32) -> Result<(u64, u64), Error> {
+    let mut freed = 0;
+    for attempt in 0..attempts {
+        let slots: Vec<u64> = s
+            .rec
+            .arenas
+            .iter()
+            .flat_map(|a| {
+                a.used
+                    .iter()
+                    .filter(|(_, u)| **u == SlotUse::Retired)
+                    .map(|(i, _)| a.slot_addr(*i))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        if s.rec.retired.is_empty() && slots.is_empty() {
+            break;
+        }
+        if attempt > 0 {
+            std::thread::sleep(Duration::from_millis(attempt as u64));
+        }
+        // Executing or returning into a patch means an address in its text.
+        let mut regions: Vec<Region> = s.rec.retired.iter().map(|m| m.text.clone()).collect();
+        regions.extend(slots.iter().map(|a| Region {
+            addr: *a,
+            len: memory::SLOT_SIZE,
+        }));
+        let outcome = write_code(&s.proc, &[], &regions)?;
+        let n = s.rec.retired.len();
+        let (images, slot_free) = outcome.free.split_at(n);
+        let mut unmap = Vec::new();
+        let mut keep = Vec::new();
+        for (m, free) in std::mem::take(&mut s.rec.retired).into_iter().zip(images) {
+            if *free {
+                freed += m.image.len;
+                unmap.push(m.image);
+            } else {
+                keep.push(m);
+            }
+        }
+        s.rec.retired = keep;
+        for (addr, free) in slots.iter().zip(slot_free) {
+            if *free {
+                if let Some((ai, si)) = s.rec.slot_owner(*addr) {
+                    s.rec.arenas[ai].used.remove(&si);
+                }
+            }
+        }
+        unmap.extend(
+            s.rec
+                .arenas
+                .iter()
+                .filter(|a| a.used.is_empty())
+                .map(|a| a.region.clone()),
+        );
+        s.rec.arenas.retain(|a| !a.used.is_empty());
+        if !unmap.is_empty() {
+            let mut h = s.proc.hijack(HIJACK_TIMEOUT)?;
+            for r in &unmap {
+                h.munmap(r.addr, r.len)?;
+            }
+            h.release()?;
         }
     }
-    if !unmap.is_empty() {
-        let mut h = s.proc.hijack(HIJACK_TIMEOUT)?;
-        for r in &unmap {
-            h.munmap(r.addr, r.len)?;
-        }
-        h.release()?;
-    }
+    let kept = s.rec.retired.iter().map(|m| m.image.len).sum();
     Ok((freed, kept))
 }
 
@@ -661,70 +705,27 @@ pub fn disable(pid: i32, name: &str) -> Result<DisableReport, Error> {
 
     let mut sites = s.rec.sites.clone();
     let writes = site_writes(&s, &mut sites, &before, &after)?;
-    // Sites whose stack emptied: their slots are released if unused.
+    write_code(&s.proc, &writes, &[])?;
+
+    // Committed. Sites whose stack emptied have their original bytes back;
+    // their slots, like the removed patches' memory, are retired and freed
+    // once no thread can be in them.
     let gone: Vec<Site> = sites
         .values()
         .filter(|x| !after.contains_key(&x.func_addr))
         .cloned()
         .collect();
-    let mut regions = regions_of_removed(&s, &completion.removed);
-    let n_patch_regions = regions.len();
-    regions.extend(gone.iter().map(|x| Region {
-        addr: x.slot,
-        len: memory::SLOT_SIZE,
-    }));
-    let retired_slots: Vec<u64> = s
-        .rec
-        .arenas
-        .iter()
-        .flat_map(|a| {
-            a.used
-                .iter()
-                .filter(|(_, u)| **u == SlotUse::Retired)
-                .map(|(i, _)| a.slot_addr(*i))
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    regions.extend(retired_slots.iter().map(|a| Region {
-        addr: *a,
-        len: memory::SLOT_SIZE,
-    }));
-    let outcome = write_code(&s.proc, &writes, &regions)?;
-
     for x in &gone {
         sites.remove(&x.func_addr);
+        if let Some((ai, si)) = s.rec.slot_owner(x.slot) {
+            s.rec.arenas[ai].used.insert(si, SlotUse::Retired);
+        }
     }
     s.rec.sites = sites;
     s.rec.model = model;
-    let (freed, kept) = release_removed(&mut s, &completion.removed, &outcome.free[..n_patch_regions])?;
-    // Slots: free what no thread uses, retire the rest; unmap empty arenas.
-    let slot_free = &outcome.free[n_patch_regions..];
-    let slot_addrs: Vec<u64> = gone.iter().map(|x| x.slot).chain(retired_slots).collect();
-    for (addr, free) in slot_addrs.iter().zip(slot_free) {
-        if let Some((ai, si)) = s.rec.slot_owner(*addr) {
-            let used = &mut s.rec.arenas[ai].used;
-            if *free {
-                used.remove(&si);
-            } else {
-                used.insert(si, SlotUse::Retired);
-            }
-        }
-    }
-    let empty: Vec<Region> = s
-        .rec
-        .arenas
-        .iter()
-        .filter(|a| a.used.is_empty())
-        .map(|a| a.region.clone())
-        .collect();
-    if !empty.is_empty() {
-        let mut h = s.proc.hijack(HIJACK_TIMEOUT)?;
-        for r in &empty {
-            h.munmap(r.addr, r.len)?;
-        }
-        h.release()?;
-        s.rec.arenas.retain(|a| !a.used.is_empty());
-    }
+    retire_removed(&mut s, &completion.removed);
+    s.save(None)?;
+    let (freed, kept) = collect_garbage(&mut s, GC_ATTEMPTS)?;
     s.save(None)?;
     Ok(DisableReport {
         pid,

@@ -116,6 +116,8 @@ pub struct Record {
     /// Patch memory no longer used by any patch, kept until no thread can be
     /// inside it.
     pub retired: Vec<PatchMemory>,
+    /// Memory of patches involved in a forced transition: never freed.
+    pub kept_forced: Vec<PatchMemory>,
 }
 
 impl Record {

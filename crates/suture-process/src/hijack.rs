@@ -584,6 +584,18 @@ impl Hijack<'_> {
     }
 }
 
+impl std::fmt::Debug for Hijack<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hijack")
+            .field("pid", &self.process.pid())
+            .field("tid", &self.tid)
+            .field("state", &self.state)
+            .field("saved_rip", &format_args!("{:#x}", self.saved_regs.rip))
+            .field("syscall_insn", &self.syscall_insn)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Drop for Hijack<'_> {
     fn drop(&mut self) {
         let _ = self.release_inner();

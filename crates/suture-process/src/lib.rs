@@ -345,6 +345,18 @@ impl Process {
         }
     }
 
+    /// Opens (read-write) the file behind file descriptor `fd` of the target,
+    /// through `/proc/PID/fd/FD`. This is how to fill a `memfd` created in
+    /// the target: a shared mapping that is not writable cannot be written
+    /// through `/proc/PID/mem` (the kernel forces writes only into private,
+    /// copy-on-write mappings), but the file behind it can.
+    pub fn open_fd(&self, fd: i32) -> Result<File> {
+        let path = proc_path(self.pid, &format!("fd/{fd}"));
+        let file = OpenOptions::new().read(true).write(true).open(&path);
+        self.ensure_alive()?;
+        file.map_err(|e| Error::io(format!("opening {}", path.display()), e))
+    }
+
     /// Reads `len` bytes of target memory at `addr` (through `/proc/PID/mem`).
     pub fn read_mem(&self, addr: u64, len: usize) -> Result<Vec<u8>> {
         let mem = self.mem()?;

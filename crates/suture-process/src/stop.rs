@@ -319,6 +319,15 @@ impl StoppedProcess<'_> {
     }
 }
 
+impl std::fmt::Debug for StoppedProcess<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoppedProcess")
+            .field("pid", &self.process.pid())
+            .field("threads", &self.threads())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Drop for StoppedProcess<'_> {
     fn drop(&mut self) {
         let _ = self.resume_inner();

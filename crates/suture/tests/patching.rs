@@ -163,13 +163,17 @@ fn hundred_apply_disable_cycles() {
     }
     all(&mut t, BASE);
     assert!(t.alive());
-    // Nothing of suture's is left but its (empty) state record.
+    // Patch memory is released once no thread can be in it. The check is
+    // conservative (any word of a live stack that points into the patch's
+    // code keeps it), so a stale pointer may keep one image for a while,
+    // but nothing accumulates over the cycles.
     let maps = std::fs::read_to_string(format!("/proc/{}/maps", t.pid)).unwrap();
-    let ours: Vec<&str> = maps.lines().filter(|l| l.contains("/memfd:suture-")).collect();
-    assert!(
-        ours.iter().all(|l| l.contains("suture-state")),
-        "leftover mappings: {ours:?}"
-    );
+    let images: std::collections::BTreeSet<&str> = maps
+        .lines()
+        .filter(|l| l.contains("/memfd:suture-patch"))
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .collect();
+    assert!(images.len() <= 2, "patch images accumulate: {maps}");
 }
 
 #[test]
