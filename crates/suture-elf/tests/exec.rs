@@ -15,6 +15,10 @@ extern "C" fn add_one(x: c_int) -> c_int {
     x + 1
 }
 
+extern "C" fn stack_chk_fail() {
+    std::process::abort();
+}
+
 const SRC: &str = r#"
 #include <suture.h>
 #include <stdio.h>
@@ -55,6 +59,7 @@ fn run(extra: &[&str]) {
             "counter" => COUNTER.as_ptr() as u64,
             "add_one" => add_one as *const () as u64,
             "snprintf" => libc::snprintf as *const () as u64,
+            "__stack_chk_fail" => stack_chk_fail as *const () as u64,
             _ => return Err(format!("unknown `{name}`").into()),
         })
     };
@@ -107,4 +112,11 @@ fn run_linked_patch_large_model() {
 #[test]
 fn run_linked_patch_no_plt() {
     run(&["-fno-plt"]);
+}
+
+#[test]
+fn run_linked_patch_other_flags() {
+    run(&["-O0"]);
+    run(&["-Os", "-fno-function-sections", "-fno-data-sections"]);
+    run(&["-g", "-fstack-protector-all", "-fcf-protection=full"]);
 }

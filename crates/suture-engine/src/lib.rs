@@ -41,7 +41,9 @@ pub enum Error {
     },
     #[error("{0}")]
     Object(String),
-    #[error("the patch names object '{name}', which process does not map (loaded objects: {loaded})")]
+    #[error(
+        "the patch names object '{name}', which process does not map (loaded objects: {loaded})"
+    )]
     ObjectNotMapped { name: String, loaded: String },
     #[error("build-id mismatch for {object}: the patch was built for {expected} but the target maps {found}; build the patch against the running binary")]
     BuildId {
@@ -67,7 +69,9 @@ pub enum Error {
     CorruptState(String),
     #[error("process {0} carries no suture patches")]
     NoState(i32),
-    #[error("another suture command is operating on process {pid}; try again when it has finished")]
+    #[error(
+        "another suture command is operating on process {pid}; try again when it has finished"
+    )]
     Locked { pid: i32 },
     #[error("{0}")]
     Other(String),

@@ -27,8 +27,12 @@ fn lock_dir() -> PathBuf {
 /// Take the lock of `proc`, waiting up to `wait` for another command.
 pub fn lock(proc: &Process, wait: Duration) -> Result<TargetLock, Error> {
     let dir = lock_dir();
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| Error::Other(format!("cannot create lock directory {}: {e}", dir.display())))?;
+    std::fs::create_dir_all(&dir).map_err(|e| {
+        Error::Other(format!(
+            "cannot create lock directory {}: {e}",
+            dir.display()
+        ))
+    })?;
     let path = dir.join(format!("{}-{}.lock", proc.pid(), proc.start_time()));
     let deadline = Instant::now() + wait;
     loop {

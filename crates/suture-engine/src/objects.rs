@@ -85,7 +85,9 @@ impl Objects {
         });
         let mut list: Vec<LoadedObject> = Vec::new();
         for m in maps {
-            let Some(path) = m.path.as_deref() else { continue };
+            let Some(path) = m.path.as_deref() else {
+                continue;
+            };
             if !is_file_path(path) || m.inode == 0 {
                 continue;
             }

@@ -185,9 +185,9 @@ fn prepare(s: &Session, path: &Path) -> Result<Prepared, Error> {
         });
         let mut mo = Object::new(od.name.clone(), obj.path.clone(), build_id);
         for fd in &od.funcs {
-            let sym = elf.lookup(&fd.old_name, fd.old_sympos).map_err(|e| {
-                Error::Symbol(format!("{e} (in {})", obj.path))
-            })?;
+            let sym = elf
+                .lookup(&fd.old_name, fd.old_sympos)
+                .map_err(|e| Error::Symbol(format!("{e} (in {})", obj.path)))?;
             if !matches!(sym.kind, SymKind::Func | SymKind::Other) {
                 return Err(Error::Symbol(format!(
                     "'{}' in {} is not a function ({:?}); only functions can be replaced",
@@ -199,21 +199,19 @@ fn prepare(s: &Session, path: &Path) -> Result<Prepared, Error> {
                 .push(Func::new(fd.old_name.clone(), fd.old_sympos, addr, 0));
             if !s.rec.sites.contains_key(&addr) && !new_sites.iter().any(|n| n.func_addr == addr) {
                 let code = s.proc.read_mem(addr, sym.size as usize)?;
-                let plan = suture_x86::plan_site(addr, &code, &TargetMemory(&s.proc)).map_err(
-                    |e| Error::Site {
-                        name: fd.old_name.clone(),
-                        addr,
-                        source: e,
-                    },
-                )?;
+                let plan =
+                    suture_x86::plan_site(addr, &code, &TargetMemory(&s.proc)).map_err(|e| {
+                        Error::Site {
+                            name: fd.old_name.clone(),
+                            addr,
+                            source: e,
+                        }
+                    })?;
                 checks.push(CheckItem {
                     check: "site".into(),
                     detail: format!(
                         "{} at {addr:#x} ({} bytes): jump at {:#x} over {} bytes",
-                        fd.old_name,
-                        sym.size,
-                        plan.site_addr,
-                        plan.len
+                        fd.old_name, sym.size, plan.site_addr, plan.len
                     ),
                 });
                 new_sites.push(NewSite {
@@ -226,7 +224,10 @@ fn prepare(s: &Session, path: &Path) -> Result<Prepared, Error> {
             } else {
                 checks.push(CheckItem {
                     check: "site".into(),
-                    detail: format!("{} at {addr:#x}: already a patch site (stacking)", fd.old_name),
+                    detail: format!(
+                        "{} at {addr:#x}: already a patch site (stacking)",
+                        fd.old_name
+                    ),
                 });
             }
         }
@@ -372,7 +373,10 @@ fn apply_prepared(
         Some(a) => a,
         None => memory::create_named_mapping(&mut h, &name, size, None, memory::PROT_RW, false)?,
     };
-    undo.regions.push(Region { addr: base, len: size });
+    undo.regions.push(Region {
+        addr: base,
+        len: size,
+    });
     let image = layout
         .link(base, &mut |n: &str| {
             symbols
@@ -491,7 +495,10 @@ fn apply_prepared(
     s.rec.patches.insert(
         desc.name.clone(),
         PatchMemory {
-            image: Region { addr: base, len: size },
+            image: Region {
+                addr: base,
+                len: size,
+            },
             text: Region {
                 addr: text.0,
                 len: text.1 - text.0,
@@ -756,7 +763,8 @@ pub fn status(pid: i32) -> Result<StatusReport, Error> {
 /// Every process on the machine that carries suture patches.
 pub fn list() -> Result<Vec<ProcessEntry>, Error> {
     let mut out = Vec::new();
-    let dir = std::fs::read_dir("/proc").map_err(|e| Error::Other(format!("cannot read /proc: {e}")))?;
+    let dir =
+        std::fs::read_dir("/proc").map_err(|e| Error::Other(format!("cannot read /proc: {e}")))?;
     let mut pids: Vec<i32> = dir
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .collect();

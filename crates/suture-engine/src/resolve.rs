@@ -37,7 +37,9 @@ impl<'a> Resolver<'a> {
         if let Some(a) = self.aliases.get(name) {
             let obj = self.objects.find(a.object.as_deref())?;
             let (file, bias) = obj.elf()?;
-            let sym = file.lookup(&a.name, a.sympos).map_err(|e| elf_err(e, obj))?;
+            let sym = file
+                .lookup(&a.name, a.sympos)
+                .map_err(|e| elf_err(e, obj))?;
             return self.address(obj, &sym.name, sym.kind, bias + sym.vaddr);
         }
         let mut suggestions = Vec::new();
@@ -50,7 +52,9 @@ impl<'a> Resolver<'a> {
             }
         }
         for obj in &self.objects.list {
-            let Ok((file, bias)) = obj.elf() else { continue };
+            let Ok((file, bias)) = obj.elf() else {
+                continue;
+            };
             if let Some(sym) = file.lookup_export(name) {
                 return self.address(obj, name, sym.kind, bias + sym.vaddr);
             }
@@ -68,7 +72,13 @@ impl<'a> Resolver<'a> {
         }))
     }
 
-    fn address(&self, obj: &LoadedObject, name: &str, kind: SymKind, addr: u64) -> Result<u64, Error> {
+    fn address(
+        &self,
+        obj: &LoadedObject,
+        name: &str,
+        kind: SymKind,
+        addr: u64,
+    ) -> Result<u64, Error> {
         if kind == SymKind::Ifunc {
             return Err(Error::Symbol(format!(
                 "'{name}' in {} is an IFUNC (its implementation is chosen at run time), which patch code cannot reference yet; call a non-IFUNC alternative",

@@ -54,10 +54,12 @@ pub fn write_code(
     let mut last_blocker = None;
     for attempt in 0..ATTEMPTS {
         let stopped = proc.stop_all(STOP_TIMEOUT)?;
-        let blocker = stopped
-            .pcs()
-            .into_iter()
-            .find_map(|(tid, pc)| writes.iter().find(|w| w.tears(pc)).map(|w| (tid, pc, w.addr)));
+        let blocker = stopped.pcs().into_iter().find_map(|(tid, pc)| {
+            writes
+                .iter()
+                .find(|w| w.tears(pc))
+                .map(|w| (tid, pc, w.addr))
+        });
         if let Some(b) = blocker {
             stopped.resume()?;
             last_blocker = Some(b);
@@ -112,8 +114,7 @@ fn scan_unused(
         };
         let gprs = [
             regs.rip, regs.rsp, regs.rbp, regs.rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi,
-            regs.rdi, regs.r8, regs.r9, regs.r10, regs.r11, regs.r12, regs.r13, regs.r14,
-            regs.r15,
+            regs.rdi, regs.r8, regs.r9, regs.r10, regs.r11, regs.r12, regs.r13, regs.r14, regs.r15,
         ];
         let mark = |free: &mut Vec<bool>, v: u64| {
             for (i, r) in regions.iter().enumerate() {

@@ -135,7 +135,7 @@ mod tests {
     }
 
     #[test]
-    fn picks_adjacent_gap_below_when_closest() {
+    fn picks_the_closest_adjacent_gap() {
         let maps = vec![
             map(0x5555_0000_0000, 0x5555_0001_0000, Some("/bin/prog")),
             map(0x5555_0001_0000, 0x5555_0002_0000, Some("/bin/prog")),
@@ -204,7 +204,10 @@ mod tests {
         let g = find_gap_near(&maps, start, end, size).unwrap();
         assert!(reachable(g, size, start, end));
         // A near range wider than the reach cannot work.
-        assert_eq!(find_gap_near(&[], 0x1_0000_0000, 0x1_9000_0000, 0x1000), None);
+        assert_eq!(
+            find_gap_near(&[], 0x1_0000_0000, 0x1_9000_0000, 0x1000),
+            None
+        );
     }
 
     #[test]
@@ -220,7 +223,11 @@ mod tests {
         let g = find_gap_near(&[], 0, 0x1000, 0x1000).unwrap();
         assert!(g >= MMAP_MIN_ADDR);
         // vsyscall above the user range is harmless.
-        let maps = vec![map(0xffff_ffff_ff60_0000, 0xffff_ffff_ff60_1000, Some("[vsyscall]"))];
+        let maps = vec![map(
+            0xffff_ffff_ff60_0000,
+            0xffff_ffff_ff60_1000,
+            Some("[vsyscall]"),
+        )];
         assert!(find_gap_near(&maps, 0x7f00_0000_0000, 0x7f00_0000_1000, 0x1000).is_some());
     }
 

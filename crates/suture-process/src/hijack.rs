@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 
-use crate::sys::{self, Event};
+use crate::sys::{self, Report};
 use crate::{Error, Process, Result, Tid};
 
 /// How long one remote system call may take by default.
@@ -143,24 +143,20 @@ impl Process {
             return Err(self.vanished(tid));
         }
         // Wait for the interrupt-stop (or a group-stop). A signal that
-        // arrives first is delivered as it would have been without us; the
-        // pending interrupt then stops the thread before it runs user code.
+        // arrives first is delivered as it would have been without us. Any
+        // ptrace-stop consumes a pending PTRACE_INTERRUPT, so interrupt
+        // again: the thread stops before it runs user code.
         loop {
             match sys::wait_until(tid, deadline) {
-                Some(Event::Interrupt) | Some(Event::GroupStop(_)) => break,
-                Some(Event::Signal(sig)) => {
+                Some(Report::Interrupt) | Some(Report::GroupStop(_)) => break,
+                Some(ev @ (Report::Signal(_) | Report::PtraceEvent(_))) => {
+                    let sig = if let Report::Signal(sig) = ev { sig } else { 0 };
                     if sys::cont(tid, sig).is_err() || sys::interrupt(tid).is_err() {
                         sys::reap(tid, Duration::from_millis(100));
                         return Err(self.vanished(tid));
                     }
                 }
-                Some(Event::PtraceEvent(_)) => {
-                    if sys::cont(tid, 0).is_err() {
-                        sys::reap(tid, Duration::from_millis(100));
-                        return Err(self.vanished(tid));
-                    }
-                }
-                Some(Event::Gone) => return Err(self.vanished(tid)),
+                Some(Report::Gone) => return Err(self.vanished(tid)),
                 None => {
                     sys::abandon(tid);
                     sys::release_abandoned(Duration::from_millis(20));
@@ -180,7 +176,7 @@ impl Process {
             return Err(Error::Exited { pid: self.pid() });
         }
         let saved = sys::getregs(tid).and_then(|regs| Ok((regs, sys::getsigmask(tid)?)));
-        let (saved_regs, saved_mask) = match saved {
+        let (mut saved_regs, saved_mask) = match saved {
             Ok(s) => s,
             Err(_) => {
                 if sys::detach(tid, 0).is_err() {
@@ -189,6 +185,7 @@ impl Process {
                 return Err(self.vanished(tid));
             }
         };
+        self.abort_rseq_critical_section(tid, &mut saved_regs);
         let mut h = Hijack {
             process: self,
             tid,
@@ -208,6 +205,47 @@ impl Process {
             return Err(err);
         }
         Ok(h)
+    }
+
+    /// If the thread was stopped inside an rseq critical section, do what
+    /// the kernel would do when it next returns to user space: clear
+    /// `rseq->rseq_cs` and continue at the abort handler.
+    ///
+    /// Without this, our first single-step (with rip pointing elsewhere)
+    /// lets the kernel clear `rseq_cs` without aborting, and restoring the
+    /// original rip would resume the critical section after it was
+    /// preempted, breaking its atomicity (e.g. tcmalloc's per-CPU caches).
+    fn abort_rseq_critical_section(&self, tid: Tid, regs: &mut libc::user_regs_struct) {
+        let Some((rseq, signature)) = sys::rseq_configuration(tid) else {
+            return;
+        };
+        // struct rseq { u32 cpu_id_start; u32 cpu_id; u64 rseq_cs; ... }
+        let Ok(cs_ptr) = self.read_mem(rseq + 8, 8) else {
+            return;
+        };
+        let cs_ptr = u64::from_le_bytes(cs_ptr.try_into().unwrap_or([0; 8]));
+        if cs_ptr == 0 {
+            return;
+        }
+        // struct rseq_cs { u32 version; u32 flags; u64 start_ip;
+        //                  u64 post_commit_offset; u64 abort_ip; }
+        let Ok(cs) = self.read_mem(cs_ptr, 32) else {
+            return;
+        };
+        let word = |i: usize| u64::from_le_bytes(cs[i..i + 8].try_into().unwrap_or([0; 8]));
+        let (start, len, abort) = (word(8), word(16), word(24));
+        let inside = regs.rip >= start && regs.rip - start < len;
+        if !inside {
+            return; // the kernel clears a stale rseq_cs itself
+        }
+        // The kernel insists on the signature right before the handler.
+        let sig_ok = abort >= 4
+            && self
+                .read_mem(abort - 4, 4)
+                .is_ok_and(|b| b == signature.to_le_bytes());
+        if sig_ok && self.write_mem(rseq + 8, &[0; 8]).is_ok() {
+            regs.rip = abort;
+        }
     }
 
     /// The error for a failed PTRACE_SEIZE of one of our threads.
@@ -323,18 +361,18 @@ impl Hijack<'_> {
             inject = 0;
             match sys::wait_until(tid, deadline) {
                 None => return Err(self.timed_out(what)),
-                Some(Event::Gone) => {
+                Some(Report::Gone) => {
                     self.state = State::Gone;
                     return Err(self.process.vanished(tid));
                 }
                 // Stopped before executing (the process was stopped, or a
                 // stray interrupt): step again.
-                Some(Event::Interrupt | Event::GroupStop(_) | Event::PtraceEvent(_)) => {
+                Some(Report::Interrupt | Report::GroupStop(_) | Report::PtraceEvent(_)) => {
                     self.state = State::Stopped {
                         in_signal_stop: false,
                     };
                 }
-                Some(Event::Signal(sig)) => {
+                Some(Report::Signal(sig)) => {
                     self.state = State::Stopped {
                         in_signal_stop: true,
                     };
@@ -349,12 +387,7 @@ impl Hijack<'_> {
                         Err(errno) => return Err(self.ptrace_failed("GETREGS", errno)),
                     };
                     if sig == libc::SIGTRAP {
-                        if let Ok(info) = sys::getsiginfo(tid) {
-                            // si_code <= 0: sent by a process, not our trap.
-                            if info.si_code <= 0 && self.held_sigtrap.is_none() {
-                                self.held_sigtrap = Some(info);
-                            }
-                        }
+                        self.hold_if_user_sigtrap();
                         if now.rip == insn + 2 {
                             break now.rax;
                         }
@@ -384,34 +417,55 @@ impl Hijack<'_> {
         Ok(result)
     }
 
+    /// In a SIGTRAP signal-delivery-stop: if the trap was sent by a process
+    /// (not our single-step), keep its siginfo to re-inject on release.
+    fn hold_if_user_sigtrap(&mut self) {
+        if let Ok(info) = sys::getsiginfo(self.tid) {
+            // si_code <= 0: sent by a process (SI_USER, SI_TKILL, SI_QUEUE...).
+            if info.si_code <= 0 && self.held_sigtrap.is_none() {
+                self.held_sigtrap = Some(info);
+            }
+        }
+    }
+
     /// A remote call did not finish in time: stop the thread again (its
     /// system call is interrupted) so it can be restored.
     fn timed_out(&mut self, what: &str) -> Error {
         let tid = self.tid;
-        if sys::interrupt(tid).is_ok() {
-            let deadline = Instant::now() + Duration::from_secs(1);
-            loop {
-                match sys::wait_until(tid, deadline) {
-                    Some(Event::Gone) => {
-                        self.state = State::Gone;
-                        break;
-                    }
-                    Some(Event::Signal(_)) => {
-                        // Our own single-step trap (or a fault): suppress.
-                        self.state = State::Stopped {
-                            in_signal_stop: true,
-                        };
-                        break;
-                    }
-                    Some(_) => {
-                        self.state = State::Stopped {
-                            in_signal_stop: false,
-                        };
-                        break;
-                    }
-                    None => break,
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let mut inject = None;
+        while sys::interrupt(tid).is_ok() {
+            if let Some(sig) = inject.take() {
+                // Pass on a SIGSTOP that arrived meanwhile.
+                if sys::cont(tid, sig).is_err() {
+                    break;
                 }
+                continue;
             }
+            match sys::wait_until(tid, deadline) {
+                Some(Report::Gone) => self.state = State::Gone,
+                Some(Report::Signal(libc::SIGSTOP)) => {
+                    inject = Some(libc::SIGSTOP);
+                    continue;
+                }
+                Some(Report::Signal(sig)) => {
+                    // Our own single-step trap, a user's SIGTRAP (held) or a
+                    // fault caused by us (suppressed).
+                    if sig == libc::SIGTRAP {
+                        self.hold_if_user_sigtrap();
+                    }
+                    self.state = State::Stopped {
+                        in_signal_stop: true,
+                    };
+                }
+                Some(_) => {
+                    self.state = State::Stopped {
+                        in_signal_stop: false,
+                    };
+                }
+                None => {}
+            }
+            break;
         }
         Error::Timeout {
             what: format!(
@@ -555,8 +609,8 @@ impl Hijack<'_> {
                 })
             }
             State::Stopped { in_signal_stop } => {
-                let restored =
-                    sys::setregs(tid, &self.saved_regs).and_then(|_| sys::setsigmask(tid, self.saved_mask));
+                let restored = sys::setregs(tid, &self.saved_regs)
+                    .and_then(|_| sys::setsigmask(tid, self.saved_mask));
                 let held = self.held_sigtrap.take();
                 let mut sig = 0;
                 if let (Some(info), true) = (held.as_ref(), in_signal_stop) {

@@ -36,7 +36,7 @@ pub use gap::{
     find_gap_near, HEAP_RESERVE, MMAP_MIN_ADDR, PAGE_SIZE, REL32_MARGIN, REL32_REACH, STACK_GUARD,
     USER_SPACE_END,
 };
-pub use hijack::Hijack;
+pub use hijack::{Hijack, DEFAULT_SYSCALL_TIMEOUT};
 pub use nix::errno::Errno;
 pub use stop::StoppedProcess;
 
@@ -50,7 +50,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// No process with this pid.
-    #[error("there is no process with pid {pid}; check the pid (the process may have exited already)")]
+    #[error(
+        "there is no process with pid {pid}; check the pid (the process may have exited already)"
+    )]
     NoSuchProcess { pid: i32 },
     /// The pid names a thread, not a process.
     #[error("{tid} is a thread of process {tgid}, not a process id; use pid {tgid} instead")]
@@ -72,7 +74,9 @@ pub enum Error {
     #[error("the target (pid {pid}) exited during the operation")]
     Exited { pid: i32 },
     /// The borrowed thread went away (the rest of the process lives on).
-    #[error("thread {tid} of process {pid} exited during the operation; retry to borrow another thread")]
+    #[error(
+        "thread {tid} of process {pid} exited during the operation; retry to borrow another thread"
+    )]
     ThreadExited { pid: i32, tid: Tid },
     /// A bounded wait ran out.
     #[error("timed out {what}; the target was left running")]
@@ -183,7 +187,8 @@ impl Process {
         if pid <= 0 {
             return Err(Error::NoSuchProcess { pid });
         }
-        let stat = procfs::read_stat(&proc_path(pid, "stat"))?.ok_or(Error::NoSuchProcess { pid })?;
+        let stat =
+            procfs::read_stat(&proc_path(pid, "stat"))?.ok_or(Error::NoSuchProcess { pid })?;
         if let Ok(status) = fs::read_to_string(proc_path(pid, "status")) {
             if let Some(tgid) = procfs::status_field(&status, "Tgid").and_then(|t| t.parse().ok()) {
                 if tgid != pid {
@@ -289,7 +294,10 @@ impl Process {
             Ok(tids) if self.liveness() != Liveness::Gone => Ok(tids),
             Ok(_) => Err(Error::Exited { pid: self.pid }),
             Err(e) if procfs::is_gone(&e) => Err(Error::Exited { pid: self.pid }),
-            Err(e) => Err(Error::io(format!("listing the threads of process {}", self.pid), e)),
+            Err(e) => Err(Error::io(
+                format!("listing the threads of process {}", self.pid),
+                e,
+            )),
         }
     }
 
@@ -308,9 +316,9 @@ impl Process {
                 Ok(procfs::parse_maps(&text))
             }
             Err(e) if procfs::is_gone(&e) => Err(Error::Exited { pid: self.pid }),
-            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Err(self.permission_error(
-                "reading its memory map was refused".to_string(),
-            )),
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                Err(self.permission_error("reading its memory map was refused".to_string()))
+            }
             Err(e) => Err(Error::io(format!("reading /proc/{}/maps", self.pid), e)),
         }
     }
@@ -337,10 +345,7 @@ impl Process {
             Some(f) => Ok(f),
             None => {
                 self.ensure_alive()?;
-                Err(self.permission_error(format!(
-                    "/proc/{}/mem could not be opened",
-                    self.pid
-                )))
+                Err(self.permission_error(format!("/proc/{}/mem could not be opened", self.pid)))
             }
         }
     }
@@ -476,7 +481,8 @@ impl Process {
             .map(|s| s.trim_end().to_string())
             .unwrap_or_else(|_| "an unknown process".to_string());
         if tgid == std::process::id() as i32 {
-            tracer_name.push_str(" (this very process: another Hijack or StoppedProcess is active)");
+            tracer_name
+                .push_str(" (this very process: another Hijack or StoppedProcess is active)");
         }
         Error::AlreadyTraced {
             pid: self.pid,
@@ -577,11 +583,15 @@ impl Process {
                 name.starts_with("libc.so") || name.starts_with("libc-")
             })
         };
-        let vdso = maps.iter().filter(exec).filter(|m| m.path.as_deref() == Some("[vdso]"));
+        let vdso = maps
+            .iter()
+            .filter(exec)
+            .filter(|m| m.path.as_deref() == Some("[vdso]"));
         let libc = maps.iter().filter(exec).filter(is_libc);
-        let rest = maps.iter().filter(exec).filter(|m| {
-            !is_libc(m) && !matches!(m.path.as_deref(), Some("[vdso]" | "[vsyscall]"))
-        });
+        let rest = maps
+            .iter()
+            .filter(exec)
+            .filter(|m| !is_libc(m) && !matches!(m.path.as_deref(), Some("[vdso]" | "[vsyscall]")));
         for m in vdso.chain(libc).chain(rest) {
             if let Some(addr) = self.scan_for_syscall(m) {
                 return Ok(addr);

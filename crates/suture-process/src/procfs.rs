@@ -74,7 +74,11 @@ pub(crate) fn status_field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
 /// First number of a `status` field (e.g. the real uid of `Uid:`), or all of them.
 pub(crate) fn status_numbers(status: &str, key: &str) -> Vec<u64> {
     status_field(status, key)
-        .map(|v| v.split_whitespace().filter_map(|n| n.parse().ok()).collect())
+        .map(|v| {
+            v.split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -176,16 +180,18 @@ mod tests {
 
         let anon = parse_maps_line("7f0000000000-7f0000001000 rw-p 00000000 00:00 0 ").unwrap();
         assert_eq!(anon.path, None);
-        let vdso =
-            parse_maps_line("7ffd1000-7ffd3000 r-xp 00000000 00:00 0                          [vdso]")
-                .unwrap();
+        let vdso = parse_maps_line(
+            "7ffd1000-7ffd3000 r-xp 00000000 00:00 0                          [vdso]",
+        )
+        .unwrap();
         assert_eq!(vdso.path.as_deref(), Some("[vdso]"));
         assert!(parse_maps_line("garbage").is_none());
     }
 
     #[test]
     fn status_helpers() {
-        let st = "Name:\tcat\nTracerPid:\t42\nUid:\t1000\t1000\t1000\t1000\nCapEff:\t0000000000080000\n";
+        let st =
+            "Name:\tcat\nTracerPid:\t42\nUid:\t1000\t1000\t1000\t1000\nCapEff:\t0000000000080000\n";
         assert_eq!(status_field(st, "TracerPid"), Some("42"));
         assert_eq!(status_numbers(st, "Uid"), vec![1000, 1000, 1000, 1000]);
         assert!(has_capability(st, "CapEff", 19));

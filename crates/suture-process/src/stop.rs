@@ -7,9 +7,9 @@
 //!
 //! Signals: a signal that reaches a thread before it stops (a
 //! signal-delivery-stop) is handed straight back to the kernel, which
-//! delivers it as it would have without us; the pending interrupt then stops
-//! the thread before it runs any user code (its registers then show the
-//! handler about to run). Signals sent while all threads are held stay
+//! delivers it as it would have without us; a fresh interrupt (any
+//! ptrace-stop consumes a pending one) then stops the thread before it runs
+//! any user code (its registers then show the handler about to run). Signals sent while all threads are held stay
 //! pending in the kernel and are delivered normally after the detach. So
 //! each signal is delivered exactly once.
 
@@ -19,15 +19,14 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 
-use crate::sys::{self, Backoff, Event};
+use crate::sys::{self, Backoff, Report};
 use crate::{Error, Liveness, Process, Result, Tid};
 
-#[derive(Clone, Copy)]
 enum ThreadState {
     /// Seized, interrupt requested, not yet stopped.
     Running,
     /// Held in an interrupt-stop or group-stop.
-    Stopped(libc::user_regs_struct),
+    Stopped(Box<libc::user_regs_struct>),
 }
 
 /// Every thread of the process held in a ptrace-stop (for the short moment
@@ -57,7 +56,7 @@ impl Process {
                 let threads = attached
                     .into_iter()
                     .filter_map(|(tid, st)| match st {
-                        ThreadState::Stopped(regs) => Some((tid, regs)),
+                        ThreadState::Stopped(regs) => Some((tid, *regs)),
                         ThreadState::Running => None,
                     })
                     .collect();
@@ -156,32 +155,37 @@ impl Process {
                 };
                 progressed = true;
                 match ev {
-                    Event::Gone => {
+                    Report::Gone => {
                         attached.remove(&tid);
                     }
-                    Event::Interrupt | Event::GroupStop(_) => match sys::getregs(tid) {
-                        Ok(regs) => {
-                            attached.insert(tid, ThreadState::Stopped(regs));
+                    Report::Interrupt | Report::GroupStop(_) => {
+                        // getregs fails only if the thread was killed while
+                        // stopped; the next wait then reaps it.
+                        if let Ok(regs) = sys::getregs(tid) {
+                            attached.insert(tid, ThreadState::Stopped(Box::new(regs)));
                         }
-                        // Killed while stopped; the next wait reaps it.
-                        Err(_) => {}
-                    },
-                    Event::Signal(sig) => {
-                        // Deliver it now, as the kernel was about to; the
-                        // pending interrupt stops the thread right after.
+                    }
+                    Report::Signal(sig) => {
+                        // Deliver it now, as the kernel was about to. Any
+                        // ptrace-stop consumes a pending PTRACE_INTERRUPT,
+                        // so interrupt again: the thread stops right after
+                        // the kernel has set up the delivery.
                         if sys::cont(tid, sig).is_ok() {
                             let _ = sys::interrupt(tid);
                         }
                     }
-                    Event::PtraceEvent(ev) => {
+                    Report::PtraceEvent(ev) => {
                         if ev == libc::PTRACE_EVENT_CLONE {
                             if let Ok(new) = sys::event_msg(tid) {
                                 // Auto-attached; it starts with a stop of its own.
                                 attached.entry(new as Tid).or_insert(ThreadState::Running);
                             }
                         }
-                        // Finish the clone; the pending interrupt stops it next.
-                        let _ = sys::cont(tid, 0);
+                        // Finish the clone, then stop (this event stop
+                        // consumed the earlier interrupt).
+                        if sys::cont(tid, 0).is_ok() {
+                            let _ = sys::interrupt(tid);
+                        }
                     }
                 }
             }
@@ -257,7 +261,7 @@ fn release_all(attached: &mut BTreeMap<Tid, ThreadState>) -> Option<Errno> {
     for tid in running {
         sys::abandon(tid);
     }
-    sys::release_abandoned(Duration::from_millis(200));
+    sys::release_abandoned(Duration::from_secs(1));
     first_err
 }
 
@@ -295,11 +299,11 @@ impl StoppedProcess<'_> {
         self.done = true;
         let mut attached: BTreeMap<Tid, ThreadState> = std::mem::take(&mut self.threads)
             .into_iter()
-            .map(|(t, r)| (t, ThreadState::Stopped(r)))
+            .map(|(t, r)| (t, ThreadState::Stopped(Box::new(r))))
             .collect();
         match release_all(&mut attached) {
             None => Ok(()),
-            Some(errno) if errno == Errno::ESRCH => {
+            Some(Errno::ESRCH) => {
                 if self.process.is_alive() {
                     Ok(()) // a thread was killed; the others run on
                 } else {

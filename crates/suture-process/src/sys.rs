@@ -18,7 +18,7 @@ use crate::Tid;
 
 /// What `waitpid` reported for one thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Event {
+pub(crate) enum Report {
     /// The thread exited or was killed (and is now reaped), or it is not
     /// (any more) our tracee.
     Gone,
@@ -35,29 +35,29 @@ pub(crate) enum Event {
 }
 
 /// Decodes a raw wait status of a traced thread.
-pub(crate) fn decode_status(status: i32) -> Event {
+pub(crate) fn decode_status(status: i32) -> Report {
     if libc::WIFSTOPPED(status) {
         let sig = libc::WSTOPSIG(status);
         let event = (status >> 16) & 0xff;
         if event == libc::PTRACE_EVENT_STOP {
             if sig == libc::SIGTRAP {
-                Event::Interrupt
+                Report::Interrupt
             } else {
-                Event::GroupStop(sig)
+                Report::GroupStop(sig)
             }
         } else if event != 0 {
-            Event::PtraceEvent(event)
+            Report::PtraceEvent(event)
         } else {
-            Event::Signal(sig)
+            Report::Signal(sig)
         }
     } else {
         // WIFEXITED / WIFSIGNALED: the thread is gone (and reaped by this wait).
-        Event::Gone
+        Report::Gone
     }
 }
 
 /// One non-blocking `waitpid(tid, __WALL | WNOHANG)`. `None`: nothing to report yet.
-pub(crate) fn wait_nohang(tid: Tid) -> Option<Event> {
+pub(crate) fn wait_nohang(tid: Tid) -> Option<Report> {
     loop {
         let mut status: libc::c_int = 0;
         // SAFETY: waitpid only writes the status through the valid pointer we pass.
@@ -69,7 +69,7 @@ pub(crate) fn wait_nohang(tid: Tid) -> Option<Event> {
             match Errno::last() {
                 Errno::EINTR => continue,
                 // ECHILD: not our tracee (any more): it was reaped or never attached.
-                _ => return Some(Event::Gone),
+                _ => return Some(Report::Gone),
             }
         }
         return Some(decode_status(status));
@@ -78,7 +78,7 @@ pub(crate) fn wait_nohang(tid: Tid) -> Option<Event> {
 
 /// Waits, bounded by `deadline`, for the next report about `tid`.
 /// `None` on timeout. Polls with short, growing sleeps.
-pub(crate) fn wait_until(tid: Tid, deadline: Instant) -> Option<Event> {
+pub(crate) fn wait_until(tid: Tid, deadline: Instant) -> Option<Report> {
     let mut backoff = Backoff::new();
     loop {
         if let Some(ev) = wait_nohang(tid) {
@@ -208,6 +208,34 @@ pub(crate) fn setsigmask(tid: Tid, mask: u64) -> nix::Result<()> {
     Errno::result(r).map(drop)
 }
 
+/// `PTRACE_GET_RSEQ_CONFIGURATION`: the thread's registered `struct rseq`
+/// address and abort signature, if it registered one.
+pub(crate) fn rseq_configuration(tid: Tid) -> Option<(u64, u32)> {
+    #[repr(C)]
+    #[derive(Default)]
+    struct Conf {
+        rseq_abi_pointer: u64,
+        rseq_abi_size: u32,
+        signature: u32,
+        flags: u32,
+        pad: u32,
+    }
+    let mut conf = Conf::default();
+    // SAFETY: the kernel writes at most `addr` (= size of Conf) bytes of
+    // `struct ptrace_rseq_configuration`, whose layout Conf reproduces, to
+    // `data`, which points to our Conf.
+    let r = unsafe {
+        libc::ptrace(
+            libc::PTRACE_GET_RSEQ_CONFIGURATION,
+            tid,
+            std::mem::size_of::<Conf>() as *mut libc::c_void,
+            &mut conf as *mut Conf as *mut libc::c_void,
+        )
+    };
+    (r > 0 && conf.rseq_abi_pointer != 0 && conf.rseq_abi_size >= 16)
+        .then_some((conf.rseq_abi_pointer, conf.signature))
+}
+
 /// Sends `sig` to thread `tid` of process `tgid`.
 pub(crate) fn tgkill(tgid: i32, tid: Tid, sig: i32) -> nix::Result<()> {
     // SAFETY: tgkill takes only integers.
@@ -226,9 +254,9 @@ pub(crate) fn reap(tid: Tid, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
     loop {
         match wait_until(tid, deadline) {
-            Some(Event::Gone) => return true,
+            Some(Report::Gone) => return true,
             // A stop: it is alive after all; detach it.
-            Some(Event::Signal(sig)) => {
+            Some(Report::Signal(sig)) => {
                 if detach(tid, sig).is_ok() {
                     return true;
                 }
@@ -254,8 +282,10 @@ thread_local! {
     static ABANDONED: RefCell<Vec<Tid>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Remember a seized thread that could not be detached yet.
+/// Remember a seized thread that could not be detached yet, making sure an
+/// interrupt is pending so it stops (and can be detached) as soon as it can.
 pub(crate) fn abandon(tid: Tid) {
+    let _ = interrupt(tid);
     ABANDONED.with(|a| {
         let mut a = a.borrow_mut();
         if !a.contains(&tid) {
@@ -274,10 +304,10 @@ pub(crate) fn release_abandoned(wait: Duration) -> usize {
             let mut a = a.borrow_mut();
             a.retain(|&tid| match wait_nohang(tid) {
                 None => true,
-                Some(Event::Gone) => false,
+                Some(Report::Gone) => false,
                 // Never lose a signal: a signal-delivery-stop's signal goes
                 // along with the detach.
-                Some(Event::Signal(sig)) => detach(tid, sig).is_err() && !reap_quick(tid),
+                Some(Report::Signal(sig)) => detach(tid, sig).is_err() && !reap_quick(tid),
                 Some(_) => detach(tid, 0).is_err() && !reap_quick(tid),
             });
             a.len()
@@ -290,7 +320,7 @@ pub(crate) fn release_abandoned(wait: Duration) -> usize {
 }
 
 fn reap_quick(tid: Tid) -> bool {
-    matches!(wait_nohang(tid), Some(Event::Gone))
+    matches!(wait_nohang(tid), Some(Report::Gone))
 }
 
 #[cfg(test)]
@@ -300,26 +330,26 @@ mod tests {
     #[test]
     fn decode() {
         // exited with code 3
-        assert_eq!(decode_status(3 << 8), Event::Gone);
+        assert_eq!(decode_status(3 << 8), Report::Gone);
         // killed by SIGKILL
-        assert_eq!(decode_status(9), Event::Gone);
+        assert_eq!(decode_status(9), Report::Gone);
         // signal-delivery-stop SIGUSR1
-        assert_eq!(decode_status(0x7f | (10 << 8)), Event::Signal(10));
+        assert_eq!(decode_status(0x7f | (10 << 8)), Report::Signal(10));
         // PTRACE_EVENT_STOP with SIGTRAP: interrupt
         assert_eq!(
             decode_status(0x7f | (5 << 8) | (libc::PTRACE_EVENT_STOP << 16)),
-            Event::Interrupt
+            Report::Interrupt
         );
         // PTRACE_EVENT_STOP with SIGSTOP: group-stop
         assert_eq!(
             decode_status(0x7f | (19 << 8) | (libc::PTRACE_EVENT_STOP << 16)),
-            Event::GroupStop(19)
+            Report::GroupStop(19)
         );
         assert_eq!(
             decode_status(0x7f | (5 << 8) | (libc::PTRACE_EVENT_CLONE << 16)),
-            Event::PtraceEvent(libc::PTRACE_EVENT_CLONE)
+            Report::PtraceEvent(libc::PTRACE_EVENT_CLONE)
         );
         // real-time signal
-        assert_eq!(decode_status(0x7f | (34 << 8)), Event::Signal(34));
+        assert_eq!(decode_status(0x7f | (34 << 8)), Report::Signal(34));
     }
 }

@@ -49,13 +49,30 @@ fn remote_getpid_mmap_mprotect_munmap_and_program_continues() {
 
     // A failing remote call reports the errno and leaves the thread usable.
     let err = hj
-        .mmap(0, 0, libc::PROT_READ, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+        .mmap(
+            0,
+            0,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
         .unwrap_err();
     assert!(
-        matches!(&err, Error::Remote { errno: Errno::EINVAL, .. }),
+        matches!(
+            &err,
+            Error::Remote {
+                errno: Errno::EINVAL,
+                ..
+            }
+        ),
         "{err}"
     );
-    assert!(err.to_string().starts_with("mmap in the target failed: EINVAL"), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("mmap in the target failed: EINVAL"),
+        "{err}"
+    );
     assert_eq!(hj.getpid().unwrap(), target.pid);
 
     hj.release().unwrap();
@@ -81,7 +98,10 @@ fn memfd_create_and_map_it() {
     assert!(fd >= 0);
     assert_eq!(process.read_mem(rsp - 512, 512).unwrap(), below);
     let link = std::fs::read_link(format!("/proc/{}/fd/{fd}", target.pid)).unwrap();
-    assert!(link.to_string_lossy().starts_with("/memfd:suture_test"), "{link:?}");
+    assert!(
+        link.to_string_lossy().starts_with("/memfd:suture_test"),
+        "{link:?}"
+    );
 
     hj.ftruncate(fd, 4096).unwrap();
     let addr = hj
@@ -115,7 +135,10 @@ fn memfd_create_and_map_it() {
     // Closing a bad fd fails cleanly.
     assert!(matches!(
         hj.close(fd),
-        Err(Error::Remote { errno: Errno::EBADF, .. })
+        Err(Error::Remote {
+            errno: Errno::EBADF,
+            ..
+        })
     ));
     hj.release().unwrap();
 
@@ -249,9 +272,19 @@ fn target_exiting_during_hijack_reports_exited() {
     target.send("x");
     target.wait_eof();
     let err = hj.getpid().unwrap_err();
-    assert!(matches!(err, Error::Exited { pid } if pid == target.pid), "{err}");
+    assert!(
+        matches!(err, Error::Exited { pid } if pid == target.pid),
+        "{err}"
+    );
     let err = hj
-        .mmap(0, 4096, libc::PROT_READ, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+        .mmap(
+            0,
+            4096,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
         .unwrap_err();
     assert!(matches!(err, Error::Exited { .. }), "{err}");
     assert!(matches!(hj.release(), Err(Error::Exited { .. })));
@@ -269,4 +302,59 @@ fn target_exiting_while_hijack_is_dropped() {
     target.wait_eof();
     drop(hj); // must not panic or hang
     assert!(!process.is_alive());
+}
+
+#[test]
+fn thread_inside_rseq_critical_section_resumes_at_abort_handler() {
+    let mut target = Target::start("rseq");
+    if target.info.iter().any(|l| l == "no-rseq") {
+        eprintln!("glibc did not register rseq; nothing to test");
+        return;
+    }
+    let spinner: i32 = target.info("spinner").parse().unwrap();
+    let abort = target.info_addr("abort");
+    let cs: Vec<u64> = target
+        .info("cs")
+        .split(' ')
+        .map(|a| u64::from_str_radix(a.trim_start_matches("0x"), 16).unwrap())
+        .collect();
+    let process = Process::open(target.pid).unwrap();
+    let count = |target: &mut Target| -> u64 {
+        target.send("count");
+        target
+            .expect("aborts ")
+            .split(' ')
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+
+    // The spinner is nearly always inside its critical section; retry in
+    // the rare case it was stopped while re-arming.
+    for _ in 0..100 {
+        let before = count(&mut target);
+        let mut hj = process.hijack_thread(spinner, T).unwrap();
+        let rip = hj.saved_regs().rip;
+        if rip != abort {
+            assert!(
+                !(cs[0]..cs[1]).contains(&rip),
+                "stopped inside the critical section at {rip:#x} but not sent to the abort handler"
+            );
+            continue;
+        }
+        assert_eq!(hj.getpid().unwrap(), target.pid);
+        hj.release().unwrap();
+        // The thread went through its abort handler (which re-arms).
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while count(&mut target) <= before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "abort handler never ran"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        return;
+    }
+    panic!("never caught the spinner inside its critical section");
 }

@@ -18,7 +18,10 @@ fn write_mem_over_read_only_code_and_data() {
     let process = Process::open(target.pid).unwrap();
 
     let code_map = process.mapping_containing(func).unwrap().unwrap();
-    assert!(code_map.executable() && !code_map.writable(), "{code_map:?}");
+    assert!(
+        code_map.executable() && !code_map.writable(),
+        "{code_map:?}"
+    );
     let data_map = process.mapping_containing(msg).unwrap().unwrap();
     assert!(!data_map.writable(), "{data_map:?}");
 
@@ -83,7 +86,10 @@ fn process_accessors() {
 
     // A thread id is not a process id.
     let err = Process::open(threads[1]).unwrap_err();
-    assert!(matches!(err, Error::NotAProcess { tgid, .. } if tgid == target.pid), "{err}");
+    assert!(
+        matches!(err, Error::NotAProcess { tgid, .. } if tgid == target.pid),
+        "{err}"
+    );
 }
 
 #[test]
@@ -91,7 +97,10 @@ fn nonexistent_pid() {
     // Above the largest possible pid_max (2^22).
     for pid in [-1, 0, (1 << 22) + 1] {
         let err = Process::open(pid).unwrap_err();
-        assert!(matches!(err, Error::NoSuchProcess { pid: p } if p == pid), "{err}");
+        assert!(
+            matches!(err, Error::NoSuchProcess { pid: p } if p == pid),
+            "{err}"
+        );
         assert!(err.to_string().contains("no process with pid"), "{err}");
     }
 }
@@ -107,17 +116,17 @@ fn zombie_is_refused_and_exit_is_noticed() {
     assert!(!process.is_alive());
     let err = Process::open(target.pid).unwrap_err();
     assert!(matches!(err, Error::Zombie { .. }), "{err}");
-    assert!(matches!(process.check_traceable(), Err(Error::Zombie { .. })));
+    assert!(matches!(
+        process.check_traceable(),
+        Err(Error::Zombie { .. })
+    ));
     assert!(matches!(process.hijack(T), Err(Error::Exited { .. })));
     assert!(matches!(process.maps(), Err(Error::Exited { .. })));
     let status = target.wait_exit();
     assert_eq!(status.code(), Some(7));
     // Reaped: gone; the old handle notices.
     assert!(!process.is_alive());
-    assert!(matches!(
-        process.threads(),
-        Err(Error::Exited { .. })
-    ));
+    assert!(matches!(process.threads(), Err(Error::Exited { .. })));
 }
 
 #[test]

@@ -78,3 +78,34 @@ fn signals_racing_with_stops_are_neither_lost_nor_doubled() {
     target.send("waitcounts 0 0");
     target.expect("counts usr1 0 rt 0");
 }
+
+#[test]
+fn sigtrap_arriving_while_borrowed_is_reinjected_with_its_siginfo() {
+    let mut target = Target::start("signals");
+    let process = Process::open(target.pid).unwrap();
+    let mut hj = process.hijack(T).unwrap();
+    // SIGTRAP cannot be blocked while we single-step, so the borrowed thread
+    // receives it during the next remote call; it must be held and handed
+    // to the program on release, with the original sender information.
+    // SAFETY: tgkill takes only integers.
+    assert_eq!(
+        unsafe { libc::syscall(libc::SYS_tgkill, target.pid, hj.tid(), libc::SIGTRAP) },
+        0
+    );
+    assert_eq!(hj.getpid().unwrap(), target.pid);
+    assert_eq!(hj.getpid().unwrap(), target.pid);
+    hj.release().unwrap();
+    target.send("traps");
+    target.expect(&format!(
+        "traps 1 code {} pid {}",
+        libc::SI_TKILL,
+        std::process::id()
+    ));
+    target.send("check");
+    let line = target.expect("raised ");
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert_eq!(v[0], v[1], "{line}");
+}

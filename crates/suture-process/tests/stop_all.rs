@@ -30,7 +30,11 @@ fn live_threads(target: &Target, process: &Process) -> BTreeSet<i32> {
 fn check_all_held(target: &Target, process: &Process, stopped: &StoppedProcess<'_>) {
     let held: BTreeSet<i32> = stopped.threads().into_iter().collect();
     // While everything is held no thread can appear or vanish.
-    assert_eq!(held, live_threads(target, process), "every live thread is held");
+    assert_eq!(
+        held,
+        live_threads(target, process),
+        "every live thread is held"
+    );
     for &tid in &held {
         // 't': stopped by a tracer.
         assert_eq!(target.thread_state(tid), 't', "thread {tid}");

@@ -26,7 +26,8 @@ impl Drop for Service {
 }
 
 fn request(port: u16, line: &str) -> Result<String> {
-    let mut c = TcpStream::connect(("127.0.0.1", port)).context("connecting to the demo service")?;
+    let mut c =
+        TcpStream::connect(("127.0.0.1", port)).context("connecting to the demo service")?;
     c.write_all(format!("{line}\n").as_bytes())?;
     let mut out = String::new();
     c.read_to_string(&mut out)?;
@@ -70,7 +71,10 @@ pub fn run() -> Result<()> {
     let service = Service(child);
     let mut port = String::new();
     BufReader::new(stdout).read_line(&mut port)?;
-    let port: u16 = port.trim().parse().context("the demo service did not start")?;
+    let port: u16 = port
+        .trim()
+        .parse()
+        .context("the demo service did not start")?;
     let pid = service.0.id() as i32;
     println!("== shop running: pid {pid}, 4 worker threads, 127.0.0.1:{port}");
     show(port, &["buy 2", "buy -5"])?;
@@ -85,7 +89,10 @@ pub fn run() -> Result<()> {
     show(port, &["buy 2", "buy -5"])?;
 
     println!("\n== suture disable {pid} {}", r.patch);
-    print!("{}", format::disable(&suture_engine::disable(pid, &r.patch)?));
+    print!(
+        "{}",
+        format::disable(&suture_engine::disable(pid, &r.patch)?)
+    );
     show(port, &["buy 2", "buy -5"])?;
     println!("   the original code runs again, byte for byte.");
     drop(service);

@@ -40,7 +40,10 @@ fn no_such_process() {
     let e = fails(&["apply", "999999999", &f("static.o")]);
     assert!(e.contains("999999999"), "{e}");
     let e = fails(&["status", "999999999"]);
-    assert!(e.contains("no process") || e.contains("No such") || e.contains("not exist"), "{e}");
+    assert!(
+        e.contains("no process") || e.contains("No such") || e.contains("not exist"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -69,7 +72,10 @@ fn corrupt_and_foreign_patch_files() {
     let arm = dir.path().join("arm.o");
     std::fs::write(&arm, bytes).unwrap();
     let e = refused(&mut t, &["apply", &p, arm.to_str().unwrap()]);
-    assert!(e.to_lowercase().contains("aarch64") || e.contains("x86_64"), "{e}");
+    assert!(
+        e.to_lowercase().contains("aarch64") || e.contains("x86_64"),
+        "{e}"
+    );
     // A shared object is not a patch.
     let e = refused(&mut t, &["apply", &p, &f("libfixture.so")]);
     assert!(e.contains("relocatable"), "{e}");
@@ -90,7 +96,10 @@ fn ambiguous_local_symbol_lists_candidates() {
     let p = t.pid.to_string();
     let e = refused(&mut t, &["apply", &p, &f("dup0.o")]);
     assert!(e.contains("dup"), "{e}");
-    assert!(e.contains('1') && e.contains('2'), "candidates with sympos: {e}");
+    assert!(
+        e.contains('1') && e.contains('2'),
+        "candidates with sympos: {e}"
+    );
 }
 
 #[test]
@@ -149,10 +158,16 @@ fn another_tracer_is_named() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
         let st = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap();
-        if st.lines().any(|l| l.starts_with("TracerPid:") && l.trim_end() != "TracerPid:\t0") {
+        if st
+            .lines()
+            .any(|l| l.starts_with("TracerPid:") && l.trim_end() != "TracerPid:\t0")
+        {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "strace did not attach");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "strace did not attach"
+        );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     let e = fails(&["apply", &p, &f("static.o")]);

@@ -14,7 +14,10 @@ fn results(t: &mut Target) -> Vec<(i64, i64, i64)> {
 
 fn all(t: &mut Target, want: (i64, i64, i64)) {
     let r = results(t);
-    assert!(r.iter().all(|x| *x == want), "expected {want:?} in every thread, got {r:?}");
+    assert!(
+        r.iter().all(|x| *x == want),
+        "expected {want:?} in every thread, got {r:?}"
+    );
 }
 
 fn pid(t: &Target) -> String {
@@ -49,7 +52,11 @@ fn static_and_global_functions_in_a_pie_program() {
         .iter()
         .map(|p| p["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["static", "global"], "the name defaults to the file stem");
+    assert_eq!(
+        names,
+        ["static", "global"],
+        "the name defaults to the file stem"
+    );
     let p0 = &st["patches"][0];
     assert_eq!(p0["enabled"], true);
     assert_eq!(p0["transition"], false);
@@ -98,7 +105,10 @@ fn non_pie_program() {
     ok(&["disable", &pid(&t), "global"]);
     all(&mut t, BASE);
     let a = t.addr("compute_global");
-    assert_eq!(read_mem(t.pid, a, 0x2f), file_bytes(t.pid, &fixture("target-nopie"), a, 0x2f));
+    assert_eq!(
+        read_mem(t.pid, a, 0x2f),
+        file_bytes(t.pid, &fixture("target-nopie"), a, 0x2f)
+    );
 }
 
 #[test]
@@ -146,7 +156,11 @@ fn stacking_newest_wins_and_original_bytes_come_back() {
     all(&mut t, (21, 101, 1001));
     ok(&["disable", &pid(&t), "stack2"]);
     all(&mut t, BASE);
-    assert_eq!(read_mem(t.pid, a, 8), original, "original bytes restored exactly");
+    assert_eq!(
+        read_mem(t.pid, a, 8),
+        original,
+        "original bytes restored exactly"
+    );
 }
 
 #[test]
@@ -159,7 +173,10 @@ fn hundred_apply_disable_cycles() {
         }
         ok(&["disable", &pid(&t), "static"]);
         let r = t.query();
-        assert!(r.iter().all(|x| (x.1 == 2 || x.1 == 44) && x.2 == 101), "{r:?}");
+        assert!(
+            r.iter().all(|x| (x.1 == 2 || x.1 == 44) && x.2 == 101),
+            "{r:?}"
+        );
     }
     all(&mut t, BASE);
     assert!(t.alive());
@@ -190,7 +207,10 @@ fn check_changes_nothing() {
     let maps_after = std::fs::read_to_string(format!("/proc/{}/maps", t.pid)).unwrap();
     assert!(!maps_after.contains("suture"), "check mapped memory");
     assert_eq!(
-        maps_before.lines().filter(|l| !l.contains("[stack")).count(),
+        maps_before
+            .lines()
+            .filter(|l| !l.contains("[stack"))
+            .count(),
         maps_after.lines().filter(|l| !l.contains("[stack")).count()
     );
     all(&mut t, BASE);

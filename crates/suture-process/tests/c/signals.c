@@ -20,6 +20,14 @@ static volatile unsigned long spin[3];
 static void on_usr1(int s) { (void)s; usr1++; }
 static void on_rt(int s) { (void)s; rt++; }
 static void on_usr2(int s) { (void)s; received++; }
+static volatile sig_atomic_t traps, trap_code, trap_pid;
+static void on_trap(int s, siginfo_t *info, void *ctx) {
+    (void)s;
+    (void)ctx;
+    traps++;
+    trap_code = info->si_code;
+    trap_pid = info->si_pid;
+}
 
 static void *spinner(void *arg) {
     long i = (long)arg;
@@ -52,6 +60,11 @@ int main(void) {
     handle(SIGUSR1, on_usr1);
     handle(SIGUSR2, on_usr2);
     handle(SIGRTMIN, on_rt);
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_trap;
+    sa.sa_flags = SA_RESTART | SA_SIGINFO;
+    sigaction(SIGTRAP, &sa, NULL);
     pthread_t t, r;
     for (long i = 0; i < 3; i++)
         pthread_create(&t, NULL, spinner, (void *)i);
@@ -78,6 +91,11 @@ int main(void) {
                 /* Give a duplicate delivery, if any, time to show up. */
                 usleep(200 * 1000);
                 printf("counts usr1 %d rt %d\n", (int)usr1, (int)rt);
+            } else if (!strcmp(line, "traps")) {
+                for (int i = 0; i < 10000 && !traps; i++)
+                    usleep(1000);
+                usleep(200 * 1000);
+                printf("traps %d code %d pid %d\n", (int)traps, (int)trap_code, (int)trap_pid);
             } else if (!strcmp(line, "check")) {
                 stop_raiser = 1;
                 pthread_join(r, NULL);

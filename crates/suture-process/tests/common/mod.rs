@@ -200,7 +200,10 @@ impl Target {
         let mut status = 0;
         // SAFETY: waitpid writes only the status through the valid pointer.
         let r = unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG | libc::WUNTRACED) };
-        assert_eq!(r, 0, "parent saw a state change of the target: status {status:#x}");
+        assert_eq!(
+            r, 0,
+            "parent saw a state change of the target: status {status:#x}"
+        );
     }
 
     /// State letter from /proc/PID/task/TID/stat.
@@ -261,7 +264,47 @@ impl Drop for Target {
         // its pid may belong to someone else by now).
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
-            let _ = self.child.wait();
+            // Bounded: a thread still traced by this test thread (a bug
+            // under test) would keep the process from being reaped.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match self.child.try_wait() {
+                    Ok(None) if Instant::now() < deadline => {
+                        thread::sleep(Duration::from_millis(1));
+                    }
+                    Ok(None) => {
+                        eprintln!(
+                            "target {} cannot be reaped: reaping leftover traced threads",
+                            self.pid
+                        );
+                        reap_traced_threads(self.pid);
+                        let _ = self.child.try_wait();
+                        if !std::thread::panicking() {
+                            panic!("target {} had threads left traced", self.pid);
+                        }
+                        break;
+                    }
+                    _ => break,
+                }
+            }
+        }
+    }
+}
+
+/// Reaps exited threads of `pid` that are still traced by this thread.
+fn reap_traced_threads(pid: i32) {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return;
+    };
+    for entry in dir.flatten() {
+        if let Some(tid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|t| t.parse::<i32>().ok())
+        {
+            let mut status = 0;
+            // SAFETY: waitpid writes only the status through the valid pointer.
+            unsafe { libc::waitpid(tid, &mut status, libc::__WALL | libc::WNOHANG) };
         }
     }
 }

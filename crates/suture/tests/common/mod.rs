@@ -45,13 +45,19 @@ pub fn fixtures() -> &'static Path {
             n.hash(&mut h);
             std::fs::read(n).unwrap().hash(&mut h);
         }
-        std::fs::read(SUTURE).map(|b| b.len()).unwrap_or(0).hash(&mut h);
+        std::fs::read(SUTURE)
+            .map(|b| b.len())
+            .unwrap_or(0)
+            .hash(&mut h);
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("fixtures-{:x}", h.finish()));
         if dir.join("done").exists() {
             return dir;
         }
-        let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("fixtures-tmp-{}-{:?}", std::process::id(), std::thread::current().id()));
+        let tmp = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "fixtures-tmp-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).unwrap();
         build_all(&src, &tmp);
@@ -84,7 +90,9 @@ fn build_all(src: &Path, out: &Path) {
         .arg(o("target-stripped"))
         .args(&target_srcs)
         .arg("-ldl"));
-    run(Command::new("strip").arg("--strip-all").arg(o("target-stripped")));
+    run(Command::new("strip")
+        .arg("--strip-all")
+        .arg(o("target-stripped")));
     run(cc()
         .args(["-O2", "-g", "-shared", "-fPIC", "-o"])
         .arg(o("libfixture.so"))
@@ -204,7 +212,10 @@ impl Target {
             if now.iter().zip(&start).all(|(n, s)| n.0 >= s.0 + 2) {
                 return now;
             }
-            assert!(Instant::now() < deadline, "target threads stopped making progress");
+            assert!(
+                Instant::now() < deadline,
+                "target threads stopped making progress"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -233,7 +244,10 @@ impl Drop for Target {
 }
 
 pub fn suture(args: &[&str]) -> Output {
-    Command::new(SUTURE).args(args).output().expect("run suture")
+    Command::new(SUTURE)
+        .args(args)
+        .output()
+        .expect("run suture")
 }
 
 /// Run suture and require success; returns stdout.
@@ -295,7 +309,11 @@ pub fn file_bytes(pid: i32, path: &Path, addr: u64, len: usize) -> Vec<u8> {
     let base = base.expect("mapping");
     let bytes = std::fs::read(path).unwrap();
     let is_exec = bytes[16] == 2; // ET_EXEC: addresses are absolute
-    let off = if is_exec { addr - 0x400000 } else { addr - base } as usize;
+    let off = if is_exec {
+        addr - 0x400000
+    } else {
+        addr - base
+    } as usize;
     bytes[off..off + len].to_vec()
 }
 
