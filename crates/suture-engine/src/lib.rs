@@ -27,22 +27,19 @@ pub use report::{ApplyReport, CheckReport, DisableReport, ProcessEntry, StatusRe
 pub enum Error {
     #[error(transparent)]
     Process(#[from] suture_process::Error),
-    #[error("{0}")]
+    #[error(transparent)]
     Model(#[from] suture_model::ModelError),
-    #[error("cannot use patch file {path}: {source}")]
+    #[error("cannot use patch file {path}: {cause}")]
     PatchFile {
         path: String,
-        source: suture_elf::Error,
+        cause: suture_elf::Error,
     },
-    #[error("cannot read patch file {path}: {source}")]
-    PatchIo {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("cannot read patch file {path}: {cause}")]
+    PatchIo { path: String, cause: std::io::Error },
     #[error("{0}")]
     Object(String),
     #[error(
-        "the patch names object '{name}', which process does not map (loaded objects: {loaded})"
+        "the patch names object '{name}', which the process does not map (loaded objects: {loaded})"
     )]
     ObjectNotMapped { name: String, loaded: String },
     #[error("build-id mismatch for {object}: the patch was built for {expected} but the target maps {found}; build the patch against the running binary")]
@@ -53,11 +50,11 @@ pub enum Error {
     },
     #[error("{0}")]
     Symbol(String),
-    #[error("cannot patch '{name}' at {addr:#x}: {source}")]
+    #[error("cannot patch '{name}' at {addr:#x}: {cause}")]
     Site {
         name: String,
         addr: u64,
-        source: suture_x86::PlanError,
+        cause: suture_x86::PlanError,
     },
     #[error("{0}")]
     SiteBusy(String),

@@ -27,6 +27,29 @@ const LOCK_WAIT: Duration = Duration::from_secs(30);
 /// Checks for retired memory after an operation.
 const GC_ATTEMPTS: u32 = 8;
 
+/// Test-only: `SUTURE_TEST_PAUSE=POINT:PATH` makes the operation stop at
+/// POINT, create `PATH.reached` and wait (at most a minute) for `PATH.go`,
+/// so tests can act on the target at an exact step (e.g. kill it).
+fn test_pause(point: &str) {
+    let Ok(v) = std::env::var("SUTURE_TEST_PAUSE") else {
+        return;
+    };
+    let Some((p, path)) = v.split_once(':') else {
+        return;
+    };
+    if p != point {
+        return;
+    }
+    let _ = std::fs::write(format!("{path}.reached"), "");
+    let go = format!("{path}.go");
+    for _ in 0..6000 {
+        if Path::new(&go).exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Reads target memory for the site planner (jump tables).
 struct TargetMemory<'a>(&'a Process);
 
@@ -115,11 +138,11 @@ fn stem(path: &Path) -> String {
 fn read_patch(path: &Path) -> Result<PatchFile, Error> {
     let bytes = std::fs::read(path).map_err(|e| Error::PatchIo {
         path: path.display().to_string(),
-        source: e,
+        cause: e,
     })?;
     PatchFile::parse(bytes, &stem(path)).map_err(|e| Error::PatchFile {
         path: path.display().to_string(),
-        source: e,
+        cause: e,
     })
 }
 
@@ -204,7 +227,7 @@ fn prepare(s: &Session, path: &Path) -> Result<Prepared, Error> {
                         Error::Site {
                             name: fd.old_name.clone(),
                             addr,
-                            source: e,
+                            cause: e,
                         }
                     })?;
                 checks.push(CheckItem {
@@ -240,7 +263,13 @@ fn prepare(s: &Session, path: &Path) -> Result<Prepared, Error> {
         .rec
         .sites
         .values()
-        .map(|x| (x.site_addr, x.site_addr + x.len() as u64, x.name.as_str()))
+        .map(|x| {
+            (
+                x.site_addr,
+                x.site_addr + x.overwritten_len() as u64,
+                x.name.as_str(),
+            )
+        })
         .chain(new_sites.iter().map(|n| {
             (
                 n.plan.site_addr,
@@ -431,7 +460,7 @@ fn apply_prepared(
         let code = ns.plan.relocated_original(*slot).map_err(|e| Error::Site {
             name: ns.name.clone(),
             addr: ns.func_addr,
-            source: e,
+            cause: e,
         })?;
         if code.len() as u64 > SLOT_STUB {
             return Err(Error::Other(format!(
@@ -472,6 +501,7 @@ fn apply_prepared(
         }
     }
 
+    test_pause("loaded");
     // The model: enable, every thread switches at once, complete.
     let mut model = s.rec.model.clone();
     let before = model.site_modes();
@@ -584,7 +614,7 @@ fn site_writes(
                 addr: site.site_addr,
                 bytes: bytes.clone(),
                 old: site.current.clone(),
-                guard_len: site.len() as u64,
+                guard_len: site.overwritten_len() as u64,
             });
             site.current = bytes;
         }
@@ -595,7 +625,7 @@ fn site_writes(
 /// A jump from the site to `to`: direct when in rel32 reach, else through
 /// the site's absolute-jump stub (written now; the site is not live yet).
 fn jump_to(s: &Session, site: &Site, to: u64) -> Result<Vec<u8>, Error> {
-    let len = site.len();
+    let len = site.overwritten_len();
     let mut bytes = match jmp_rel32(site.site_addr, to) {
         Some(j) => j.to_vec(),
         None => {

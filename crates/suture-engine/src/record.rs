@@ -47,7 +47,7 @@ pub struct Site {
 }
 
 impl Site {
-    pub fn len(&self) -> usize {
+    pub fn overwritten_len(&self) -> usize {
         self.original.len()
     }
 

@@ -179,11 +179,64 @@ fn another_tracer_is_named() {
 
 #[test]
 fn target_that_exits_is_reported() {
-    let mut t = Target::standard("target");
+    let t = Target::standard("target");
     let p = t.pid.to_string();
     // Kill the target, then ask for an apply on the dead (zombie/reaped) pid.
     let pid = t.pid;
     drop(t);
     let e = fails(&["apply", &pid.to_string(), &f("static.o")]);
     assert!(e.contains(&p), "{e}");
+}
+
+/// Runs `suture apply` paused after the patch is loaded, does `between`,
+/// lets it continue, and returns its output.
+fn apply_paused(t: &Target, between: impl FnOnce()) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let flag = dir.path().join("pause");
+    let child = Command::new(SUTURE)
+        .args(["apply", &t.pid.to_string(), &f("static.o")])
+        .env("SUTURE_TEST_PAUSE", format!("loaded:{}", flag.display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let reached = flag.with_extension("reached");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !reached.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "suture never reached the pause"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    between();
+    std::fs::write(flag.with_extension("go"), "").unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn target_exiting_during_apply_is_a_clear_error() {
+    let mut t = Target::standard("target");
+    let pid = t.pid;
+    let out = apply_paused(&t, || {
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    });
+    assert_eq!(out.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("exited") || e.contains("no process"), "{e}");
+    assert!(!t.alive());
+}
+
+#[test]
+fn paused_apply_completes_when_target_lives() {
+    let mut t = Target::standard("target");
+    let out = apply_paused(&t, || {});
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = t.fresh_results();
+    assert!(r.iter().all(|x| x.1 == 44), "{r:?}");
 }
