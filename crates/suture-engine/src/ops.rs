@@ -295,6 +295,25 @@ fn prepare(s: &Session, path: &Path) -> Result<Prepared, Error> {
         let a = resolver.resolve(&name)?;
         symbols.insert(name, a);
     }
+    // IFUNCs (memcpy, strlen...): run each resolver in the target, which
+    // only reads CPU features, to learn the implementation it uses.
+    let ifuncs = resolver.ifuncs();
+    if !ifuncs.is_empty() {
+        let mut h = s.proc.hijack(HIJACK_TIMEOUT)?;
+        for (name, res) in &ifuncs {
+            let impl_addr = h.call(*res, &[]).map_err(|e| {
+                Error::Symbol(format!(
+                    "cannot resolve the IFUNC '{name}' in the target: {e}"
+                ))
+            })?;
+            for v in symbols.values_mut() {
+                if *v == *res {
+                    *v = impl_addr;
+                }
+            }
+        }
+        h.release()?;
+    }
     checks.push(CheckItem {
         check: "symbols".into(),
         detail: format!("{} external symbol(s) resolved", symbols.len()),
@@ -314,21 +333,29 @@ fn prepare(s: &Session, path: &Path) -> Result<Prepared, Error> {
     })
 }
 
-/// Run every check `apply` makes, changing nothing.
-pub fn check(pid: i32, path: &Path) -> Result<CheckReport, Error> {
-    let s = Session::open(pid)?;
-    let p = prepare(&s, path)?;
-    // Linking at a plausible address checks relocations too.
-    let base = p.near.1.next_multiple_of(memory::PAGE);
-    let symbols = p.symbols.clone();
-    p.layout
+/// Link the patch image at `base` with the names resolved by `prepare`.
+fn link(
+    layout: &Layout,
+    base: u64,
+    symbols: &BTreeMap<String, u64>,
+) -> Result<suture_elf::LinkedImage, Error> {
+    layout
         .link(base, &mut |n: &str| {
             symbols
                 .get(n)
                 .copied()
                 .ok_or_else(|| suture_elf::ResolveFailure::new(format!("unresolved {n}")))
         })
-        .map_err(Error::Link)?;
+        .map_err(Error::Link)
+}
+
+/// Run every check `apply` makes, changing nothing.
+pub fn check(pid: i32, path: &Path) -> Result<CheckReport, Error> {
+    let s = Session::open(pid)?;
+    let p = prepare(&s, path)?;
+    // Linking at a plausible address checks relocations too.
+    let base = p.near.1.next_multiple_of(memory::PAGE);
+    link(&p.layout, base, &p.symbols)?;
     let mut checks = p.checks;
     checks.push(CheckItem {
         check: "link".into(),
@@ -406,14 +433,7 @@ fn apply_prepared(
         addr: base,
         len: size,
     });
-    let image = layout
-        .link(base, &mut |n: &str| {
-            symbols
-                .get(n)
-                .copied()
-                .ok_or_else(|| suture_elf::ResolveFailure::new(format!("unresolved {n}")))
-        })
-        .map_err(Error::Link)?;
+    let image = link(&layout, base, &symbols)?;
     s.proc.write_mem(base, &image.bytes)?;
     for r in &image.regions {
         let prot = (if r.prot.r { libc::PROT_READ } else { 0 })

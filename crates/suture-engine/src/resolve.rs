@@ -13,6 +13,7 @@ pub struct Resolver<'a> {
     /// The objects the patch names, in patch order.
     patched: Vec<&'a LoadedObject>,
     aliases: BTreeMap<&'a str, &'a SymbolAlias>,
+    ifuncs: std::cell::RefCell<Vec<(String, u64)>>,
 }
 
 fn elf_err(e: LookupError, obj: &LoadedObject) -> Error {
@@ -29,6 +30,7 @@ impl<'a> Resolver<'a> {
             objects,
             patched,
             aliases: aliases.iter().map(|a| (a.alias.as_str(), a)).collect(),
+            ifuncs: Default::default(),
         }
     }
 
@@ -72,19 +74,23 @@ impl<'a> Resolver<'a> {
         }))
     }
 
+    /// An IFUNC's address is its resolver's: remember it, the engine asks
+    /// the resolver in the target which implementation it uses.
     fn address(
         &self,
-        obj: &LoadedObject,
+        _obj: &LoadedObject,
         name: &str,
         kind: SymKind,
         addr: u64,
     ) -> Result<u64, Error> {
         if kind == SymKind::Ifunc {
-            return Err(Error::Symbol(format!(
-                "'{name}' in {} is an IFUNC (its implementation is chosen at run time), which patch code cannot reference yet; call a non-IFUNC alternative",
-                obj.path
-            )));
+            self.ifuncs.borrow_mut().push((name.to_string(), addr));
         }
         Ok(addr)
+    }
+
+    /// IFUNC symbols met so far: (name, resolver address).
+    pub fn ifuncs(&self) -> Vec<(String, u64)> {
+        self.ifuncs.borrow().clone()
     }
 }

@@ -18,6 +18,19 @@
 //! passed on (the process stops as asked; the thread stays usable and
 //! re-enters the group-stop on release). A user-sent `SIGTRAP` is held and
 //! re-injected with its original `siginfo` on release.
+//!
+//! Function calls ([`Hijack::call`]): the thread runs the function freely
+//! (`PTRACE_CONT`) on its own stack, below the red zone, with a return
+//! address that is canonical but unmapped, so the final `ret` faults with
+//! `SIGSEGV` at exactly that address; we catch that signal-delivery-stop and
+//! suppress the signal. During a call the synchronous fault signals
+//! (`SIGSEGV`, `SIGBUS`, `SIGILL`, `SIGFPE`, `SIGTRAP`) stay unblocked: if
+//! they were blocked the kernel would reset the program's handlers for them
+//! to `SIG_DFL` when forcing the fault. A fault anywhere else is the
+//! callee's crash: it is suppressed, the registers (general-purpose and
+//! extended FP/vector state) are restored and [`Error::CallFault`] returned.
+//! Such signals sent by other processes meanwhile are held and re-injected
+//! on release.
 
 use std::marker::PhantomData;
 use std::time::{Duration, Instant};
@@ -35,7 +48,33 @@ pub const DEFAULT_SYSCALL_TIMEOUT: Duration = Duration::from_secs(5);
 const RED_ZONE: u64 = 128;
 
 /// Every signal blocked except SIGTRAP (SIGKILL and SIGSTOP cannot be blocked).
-const HIJACK_MASK: u64 = !(1u64 << (libc::SIGTRAP - 1));
+const HIJACK_MASK: u64 = !sig_bit(libc::SIGTRAP);
+
+/// The mask during [`Hijack::call`]: the synchronous fault signals are
+/// unblocked too (see the module documentation).
+const CALL_MASK: u64 = HIJACK_MASK
+    & !(sig_bit(libc::SIGSEGV)
+        | sig_bit(libc::SIGBUS)
+        | sig_bit(libc::SIGILL)
+        | sig_bit(libc::SIGFPE));
+
+/// Return addresses for [`Hijack::call`], tried in order: canonical user
+/// addresses (below 2^47) far from where Linux puts mappings; the first one
+/// not mapped in the target is used. Jumping there faults with `SIGSEGV` at
+/// `rip` = the address.
+const CALL_RETURN_ADDRESSES: [u64; 4] = [
+    0x3ead_dead_0000,
+    0x2ead_dead_0000,
+    0x1ead_dead_0000,
+    0x0ead_dead_0000,
+];
+
+/// EFLAGS trap flag and direction flag (the ABI wants DF clear on entry).
+const EFLAGS_TF_DF: u64 = 0x100 | 0x400;
+
+const fn sig_bit(sig: i32) -> u64 {
+    1u64 << (sig - 1)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -62,8 +101,10 @@ pub struct Hijack<'p> {
     state: State,
     syscall_insn: Option<u64>,
     timeout: Duration,
-    /// A user-sent SIGTRAP that arrived while we held the thread.
-    held_sigtrap: Option<libc::siginfo_t>,
+    /// Signals sent by a process (e.g. a user's SIGTRAP, or a SIGSEGV that
+    /// reached the thread during a call) that arrived while we held the
+    /// thread, to re-inject on release. At most one per signal number.
+    held_signals: Vec<libc::siginfo_t>,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -196,7 +237,7 @@ impl Process {
             },
             syscall_insn: None,
             timeout: DEFAULT_SYSCALL_TIMEOUT,
-            held_sigtrap: None,
+            held_signals: Vec::new(),
             _not_send: PhantomData,
         };
         if let Err(errno) = sys::setsigmask(tid, HIJACK_MASK) {
@@ -387,7 +428,7 @@ impl Hijack<'_> {
                         Err(errno) => return Err(self.ptrace_failed("GETREGS", errno)),
                     };
                     if sig == libc::SIGTRAP {
-                        self.hold_if_user_sigtrap();
+                        self.hold_if_user_signal();
                         if now.rip == insn + 2 {
                             break now.rax;
                         }
@@ -417,15 +458,29 @@ impl Hijack<'_> {
         Ok(result)
     }
 
-    /// In a SIGTRAP signal-delivery-stop: if the trap was sent by a process
-    /// (not our single-step), keep its siginfo to re-inject on release.
-    fn hold_if_user_sigtrap(&mut self) {
+    /// In a signal-delivery-stop: if the signal was sent by a process (not
+    /// our single-step or a fault), keep its siginfo to re-inject on release.
+    fn hold_if_user_signal(&mut self) {
         if let Ok(info) = sys::getsiginfo(self.tid) {
-            // si_code <= 0: sent by a process (SI_USER, SI_TKILL, SI_QUEUE...).
-            if info.si_code <= 0 && self.held_sigtrap.is_none() {
-                self.held_sigtrap = Some(info);
-            }
+            self.hold_if_user_sent(&info);
         }
+    }
+
+    /// Holds `info` if it was sent by a process (si_code <= 0: SI_USER,
+    /// SI_TKILL, SI_QUEUE, ...); returns whether it was.
+    fn hold_if_user_sent(&mut self, info: &libc::siginfo_t) -> bool {
+        if info.si_code > 0 {
+            return false;
+        }
+        // Standard signals do not queue: one pending instance per number.
+        if !self
+            .held_signals
+            .iter()
+            .any(|h| h.si_signo == info.si_signo)
+        {
+            self.held_signals.push(*info);
+        }
+        true
     }
 
     /// A remote call did not finish in time: stop the thread again (its
@@ -448,12 +503,10 @@ impl Hijack<'_> {
                     inject = Some(libc::SIGSTOP);
                     continue;
                 }
-                Some(Report::Signal(sig)) => {
-                    // Our own single-step trap, a user's SIGTRAP (held) or a
-                    // fault caused by us (suppressed).
-                    if sig == libc::SIGTRAP {
-                        self.hold_if_user_sigtrap();
-                    }
+                Some(Report::Signal(_)) => {
+                    // Our own single-step trap, a signal sent by a process
+                    // (held) or a fault caused by us (suppressed).
+                    self.hold_if_user_signal();
                     self.state = State::Stopped {
                         in_signal_stop: true,
                     };
@@ -474,6 +527,167 @@ impl Hijack<'_> {
                 self.timeout
             ),
         }
+    }
+
+    /// Calls the function at `func` in the target on the borrowed thread
+    /// with up to six integer arguments (in `rdi`, `rsi`, `rdx`, `rcx`, `r8`,
+    /// `r9`; `rax` = 0: no vector arguments) and returns its `rax`.
+    ///
+    /// The function runs on the thread's stack below the red zone with the
+    /// thread's TLS, its signal mask as described in the module
+    /// documentation, and is bounded by [`Hijack::set_timeout`]. Afterwards
+    /// the general-purpose registers and the extended FP/vector state are
+    /// restored, whatever happened. A crash of the function is suppressed
+    /// (never delivered) and reported as [`Error::CallFault`]; running out
+    /// of time interrupts it and reports [`Error::Timeout`]. Side effects of
+    /// the function itself (memory it wrote, locks it took) are not undone:
+    /// call only functions that are safe to run at an arbitrary point of the
+    /// thread (e.g. IFUNC resolvers, async-signal-safe code).
+    pub fn call(&mut self, func: u64, args: &[u64]) -> Result<u64> {
+        self.call_named(&format!("the function at {func:#x}"), func, args)
+    }
+
+    fn call_named(&mut self, what: &str, func: u64, args: &[u64]) -> Result<u64> {
+        if args.len() > 6 {
+            return Err(Error::InvalidArgument {
+                what: format!(
+                    "{} arguments for {what}; at most 6 are passed in registers",
+                    args.len()
+                ),
+            });
+        }
+        self.ensure_stopped()?;
+        let tid = self.tid;
+        let ret_addr = self.call_return_address()?;
+        let rsp = self.saved_regs.rsp;
+        // At entry (after the pushed return address) rsp + 8 must be a
+        // multiple of 16.
+        let sp = rsp
+            .checked_sub(RED_ZONE + 8)
+            .map(|top| (top & !15) - 8)
+            .ok_or_else(|| Error::InvalidArgument {
+                what: format!("stack pointer {rsp:#x} leaves no room to call {what}"),
+            })?;
+        self.process.write_mem(sp, &ret_addr.to_le_bytes())?;
+        let fp = match sys::get_fpstate(tid) {
+            Ok(fp) => fp,
+            Err(errno) => return Err(self.ptrace_failed("GETREGSET (xstate)", errno)),
+        };
+        let mut regs = self.saved_regs;
+        regs.rip = func;
+        regs.rsp = sp;
+        regs.rax = 0;
+        let mut a = [0u64; 6];
+        a[..args.len()].copy_from_slice(args);
+        regs.rdi = a[0];
+        regs.rsi = a[1];
+        regs.rdx = a[2];
+        regs.rcx = a[3];
+        regs.r8 = a[4];
+        regs.r9 = a[5];
+        regs.eflags &= !EFLAGS_TF_DF;
+        // Not inside a system call any more: no restart on the way out.
+        regs.orig_rax = u64::MAX;
+        let started = sys::setsigmask(tid, CALL_MASK)
+            .map_err(|e| ("SETSIGMASK", e))
+            .and_then(|_| sys::setregs(tid, &regs).map_err(|e| ("SETREGS", e)));
+        let outcome = match started {
+            Ok(()) => self.run_call(what, ret_addr),
+            Err((req, errno)) => Err(self.ptrace_failed(req, errno)),
+        };
+        // Restore whatever the call did to the thread's registers.
+        let restored = match self.state {
+            State::Stopped { .. } => sys::setregs(tid, &self.saved_regs)
+                .map_err(|e| ("SETREGS", e))
+                .and_then(|_| sys::set_fpstate(tid, &fp).map_err(|e| ("SETREGSET (xstate)", e)))
+                .and_then(|_| sys::setsigmask(tid, HIJACK_MASK).map_err(|e| ("SETSIGMASK", e))),
+            // Running: release() deals with it; Gone: nothing to restore.
+            State::Running | State::Gone => Ok(()),
+        };
+        match (outcome, restored) {
+            (Err(e), _) => Err(e),
+            (Ok(_), Err((req, errno))) => Err(self.ptrace_failed(req, errno)),
+            (Ok(v), Ok(())) => Ok(v),
+        }
+    }
+
+    /// Lets the thread run the prepared call until it returns to
+    /// `ret_addr`, faults, or runs out of time.
+    fn run_call(&mut self, what: &str, ret_addr: u64) -> Result<u64> {
+        let tid = self.tid;
+        let pid = self.process.pid();
+        let deadline = Instant::now() + self.timeout;
+        let mut inject = 0;
+        loop {
+            if let Err(errno) = sys::cont(tid, inject) {
+                return Err(self.ptrace_failed("CONT", errno));
+            }
+            self.state = State::Running;
+            inject = 0;
+            match sys::wait_until(tid, deadline) {
+                None => return Err(self.timed_out(what)),
+                Some(Report::Gone) => {
+                    self.state = State::Gone;
+                    return Err(self.process.vanished(tid));
+                }
+                // The process was stopped, or a stray interrupt: go on.
+                Some(Report::Interrupt | Report::GroupStop(_) | Report::PtraceEvent(_)) => {
+                    self.state = State::Stopped {
+                        in_signal_stop: false,
+                    };
+                }
+                Some(Report::Signal(sig)) => {
+                    self.state = State::Stopped {
+                        in_signal_stop: true,
+                    };
+                    if sig == libc::SIGSTOP {
+                        // Let the process stop as asked (see syscall_named).
+                        inject = sig;
+                        continue;
+                    }
+                    let info = match sys::getsiginfo(tid) {
+                        Ok(i) => i,
+                        Err(errno) => return Err(self.ptrace_failed("GETSIGINFO", errno)),
+                    };
+                    let now = match sys::getregs(tid) {
+                        Ok(r) => r,
+                        Err(errno) => return Err(self.ptrace_failed("GETREGS", errno)),
+                    };
+                    // abort() in the callee sends SIGABRT to its own thread:
+                    // that is the callee failing, not a signal for the program.
+                    let self_abort = sig == libc::SIGABRT
+                        && info.si_code <= 0
+                        // SAFETY: si_code <= 0 (SI_USER, SI_TKILL, SI_QUEUE,
+                        // ...): the kill fields of the union are the valid ones.
+                        && unsafe { info.si_pid() } == pid;
+                    if !self_abort && self.hold_if_user_sent(&info) {
+                        continue; // sent by a process: re-injected on release
+                    }
+                    if sig == libc::SIGSEGV && now.rip == ret_addr {
+                        return Ok(now.rax);
+                    }
+                    return Err(Error::CallFault {
+                        what: format!("calling {what} in thread {tid} of process {pid}"),
+                        signal: sig,
+                        rip: now.rip,
+                    });
+                }
+            }
+        }
+    }
+
+    /// The first of [`CALL_RETURN_ADDRESSES`] not mapped in the target.
+    fn call_return_address(&self) -> Result<u64> {
+        let maps = self.process.maps()?;
+        CALL_RETURN_ADDRESSES
+            .into_iter()
+            .find(|&a| !maps.iter().any(|m| m.contains(a)))
+            .ok_or_else(|| Error::InvalidArgument {
+                what: format!(
+                    "all candidate return addresses for remote calls are mapped in process {}",
+                    self.process.pid()
+                ),
+            })
     }
 
     /// `mmap` in the target; returns the address.
@@ -611,18 +825,21 @@ impl Hijack<'_> {
             State::Stopped { in_signal_stop } => {
                 let restored = sys::setregs(tid, &self.saved_regs)
                     .and_then(|_| sys::setsigmask(tid, self.saved_mask));
-                let held = self.held_sigtrap.take();
+                let mut held = std::mem::take(&mut self.held_signals);
                 let mut sig = 0;
-                if let (Some(info), true) = (held.as_ref(), in_signal_stop) {
+                if let (Some(info), true) = (held.first(), in_signal_stop) {
                     if sys::setsiginfo(tid, info).is_ok() {
-                        sig = libc::SIGTRAP;
+                        sig = info.si_signo;
+                        held.remove(0);
                     }
                 }
                 let detached = sys::detach(tid, sig);
-                if held.is_some() && sig == 0 && detached.is_ok() {
-                    // No way to re-inject with the original siginfo here:
-                    // resend it.
-                    let _ = sys::tgkill(self.process.pid(), tid, libc::SIGTRAP);
+                if detached.is_ok() {
+                    // No way to re-inject the others with their original
+                    // siginfo here: resend them.
+                    for info in &held {
+                        let _ = sys::tgkill(self.process.pid(), tid, info.si_signo);
+                    }
                 }
                 match (restored, detached) {
                     (Ok(()), Ok(())) => Ok(()),

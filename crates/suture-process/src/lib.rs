@@ -94,6 +94,10 @@ pub enum Error {
     /// Executing in the target did not go as planned (a fault, an odd stop).
     #[error("{what}; the thread's registers were restored")]
     RemoteFault { what: String },
+    /// A function called in the target ([`Hijack::call`]) raised a signal
+    /// (it crashed) instead of returning. The signal was not delivered.
+    #[error("{what}: signal {signal} at rip {rip:#x}; the signal was suppressed and the thread's registers were restored")]
+    CallFault { what: String, signal: i32, rip: u64 },
     /// No `syscall` instruction to borrow in the target.
     #[error("found no `syscall` instruction (0f 05) in the executable mappings of process {pid}; set one with Hijack::set_syscall_insn")]
     NoSyscallInstruction { pid: i32 },

@@ -236,6 +236,97 @@ pub(crate) fn rseq_configuration(tid: Tid) -> Option<(u64, u32)> {
         .then_some((conf.rseq_abi_pointer, conf.signature))
 }
 
+/// `NT_X86_XSTATE`: the regset holding the XSAVE area (x87, SSE, AVX, ...).
+const NT_X86_XSTATE: libc::c_int = 0x202;
+
+/// Large enough for every XSAVE layout in use (AMX tile data included).
+const XSTATE_MAX: usize = 64 * 1024;
+
+/// A thread's floating-point/vector state, as saved by [`get_fpstate`].
+pub(crate) enum FpState {
+    /// The whole XSAVE area (`PTRACE_GETREGSET`, `NT_X86_XSTATE`).
+    Xstate(Vec<u8>),
+    /// x87 and SSE only (`PTRACE_GETFPREGS`), where XSAVE is unavailable.
+    Fpregs(Box<libc::user_fpregs_struct>),
+}
+
+/// Saves the thread's extended FP/vector state.
+pub(crate) fn get_fpstate(tid: Tid) -> nix::Result<FpState> {
+    let mut buf = vec![0u8; XSTATE_MAX];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: PTRACE_GETREGSET writes at most `iov.iov_len` bytes to
+    // `iov.iov_base` (our buffer) and updates `iov.iov_len`; `iov` lives
+    // across the call.
+    let r = unsafe {
+        libc::ptrace(
+            libc::PTRACE_GETREGSET,
+            tid,
+            NT_X86_XSTATE as usize as *mut libc::c_void,
+            &mut iov as *mut libc::iovec as *mut libc::c_void,
+        )
+    };
+    match Errno::result(r) {
+        Ok(_) => {
+            buf.truncate(iov.iov_len.min(XSTATE_MAX));
+            Ok(FpState::Xstate(buf))
+        }
+        Err(Errno::ESRCH) => Err(Errno::ESRCH),
+        Err(_) => {
+            // SAFETY: user_fpregs_struct is plain integers; all zeroes is valid.
+            let mut fp: Box<libc::user_fpregs_struct> = Box::new(unsafe { std::mem::zeroed() });
+            // SAFETY: PTRACE_GETFPREGS writes one user_fpregs_struct to `data`,
+            // which points to ours.
+            let r = unsafe {
+                libc::ptrace(
+                    libc::PTRACE_GETFPREGS,
+                    tid,
+                    ptr::null_mut::<libc::c_void>(),
+                    &mut *fp as *mut libc::user_fpregs_struct as *mut libc::c_void,
+                )
+            };
+            Errno::result(r).map(|_| FpState::Fpregs(fp))
+        }
+    }
+}
+
+/// Restores state saved by [`get_fpstate`].
+pub(crate) fn set_fpstate(tid: Tid, state: &FpState) -> nix::Result<()> {
+    let r = match state {
+        FpState::Xstate(buf) => {
+            let mut iov = libc::iovec {
+                iov_base: buf.as_ptr() as *mut libc::c_void,
+                iov_len: buf.len(),
+            };
+            // SAFETY: PTRACE_SETREGSET only reads `iov.iov_len` bytes from
+            // `iov.iov_base` (our buffer, not written through).
+            unsafe {
+                libc::ptrace(
+                    libc::PTRACE_SETREGSET,
+                    tid,
+                    NT_X86_XSTATE as usize as *mut libc::c_void,
+                    &mut iov as *mut libc::iovec as *mut libc::c_void,
+                )
+            }
+        }
+        FpState::Fpregs(fp) => {
+            // SAFETY: PTRACE_SETFPREGS reads one user_fpregs_struct from
+            // `data`, which points to ours.
+            unsafe {
+                libc::ptrace(
+                    libc::PTRACE_SETFPREGS,
+                    tid,
+                    ptr::null_mut::<libc::c_void>(),
+                    &**fp as *const libc::user_fpregs_struct as *mut libc::c_void,
+                )
+            }
+        }
+    };
+    Errno::result(r).map(drop)
+}
+
 /// Sends `sig` to thread `tid` of process `tgid`.
 pub(crate) fn tgkill(tgid: i32, tid: Tid, sig: i32) -> nix::Result<()> {
     // SAFETY: tgkill takes only integers.

@@ -231,3 +231,12 @@ fn sympos_picks_one_of_two_static_functions() {
     all(&mut t, BASE);
     ok(&["disable", &pid(&t), "dup"]);
 }
+
+#[test]
+fn patch_code_calls_libc_ifuncs() {
+    let mut t = Target::standard("target");
+    ok(&["apply", &pid(&t), &f("ifunc.o")]);
+    all(&mut t, (2, 301, 1001));
+    ok(&["disable", &pid(&t), "ifunc"]);
+    all(&mut t, BASE);
+}

@@ -107,6 +107,7 @@ fn build_all(src: &Path, out: &Path) {
         "patch_missing",
         "patch_noobj",
         "patch_buildid",
+        "patch_ifunc",
     ] {
         run(Command::new(SUTURE)
             .arg("build")
