@@ -10,6 +10,8 @@ use common::Cc;
 use suture_elf::{PatchFile, ResolveFailure};
 
 static COUNTER: AtomicI32 = AtomicI32::new(0);
+/// The tests share COUNTER: run the linked code one test at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 extern "C" fn add_one(x: c_int) -> c_int {
     x + 1
@@ -37,6 +39,7 @@ SUTURE_PATCH(run) = { .objs = objs };
 "#;
 
 fn run(extra: &[&str]) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let cc = Cc::new();
     let patch = PatchFile::parse(cc.patch_with("run", SRC, extra), "run").unwrap();
     let layout = patch.layout().unwrap();
