@@ -76,6 +76,13 @@ const fn sig_bit(sig: i32) -> u64 {
     1u64 << (sig - 1)
 }
 
+/// How [`Hijack::run_to_signal`] resumes the thread.
+#[derive(Clone, Copy)]
+enum Resume {
+    Step,
+    Continue,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     /// In a ptrace-stop. `in_signal_stop`: the stop is a
@@ -393,60 +400,25 @@ impl Hijack<'_> {
             return Err(self.ptrace_failed("SETREGS", errno));
         }
         let deadline = Instant::now() + self.timeout;
-        let mut inject = 0;
         let result = loop {
-            if let Err(errno) = sys::step(tid, inject) {
-                return Err(self.ptrace_failed("SINGLESTEP", errno));
-            }
-            self.state = State::Running;
-            inject = 0;
-            match sys::wait_until(tid, deadline) {
-                None => return Err(self.timed_out(what)),
-                Some(Report::Gone) => {
-                    self.state = State::Gone;
-                    return Err(self.process.vanished(tid));
+            let (sig, now) = self.run_to_signal(Resume::Step, what, deadline)?;
+            if sig == libc::SIGTRAP {
+                self.hold_if_user_signal();
+                if now.rip == insn + 2 {
+                    break now.rax;
                 }
-                // Stopped before executing (the process was stopped, or a
-                // stray interrupt): step again.
-                Some(Report::Interrupt | Report::GroupStop(_) | Report::PtraceEvent(_)) => {
-                    self.state = State::Stopped {
-                        in_signal_stop: false,
-                    };
-                }
-                Some(Report::Signal(sig)) => {
-                    self.state = State::Stopped {
-                        in_signal_stop: true,
-                    };
-                    if sig == libc::SIGSTOP {
-                        // Let the process stop as asked; we are resumed from
-                        // the group-stop by our next step.
-                        inject = sig;
-                        continue;
-                    }
-                    let now = match sys::getregs(tid) {
-                        Ok(r) => r,
-                        Err(errno) => return Err(self.ptrace_failed("GETREGS", errno)),
-                    };
-                    if sig == libc::SIGTRAP {
-                        self.hold_if_user_signal();
-                        if now.rip == insn + 2 {
-                            break now.rax;
-                        }
-                        if now.rip == insn {
-                            continue; // not executed yet
-                        }
-                    }
-                    // Anything else is a fault caused by our borrowed
-                    // execution (all other signals are blocked); it must
-                    // not reach the program.
-                    return Err(Error::RemoteFault {
-                        what: format!(
-                            "executing {what} at {insn:#x} in thread {tid} raised signal {sig} (rip {:#x})",
-                            now.rip
-                        ),
-                    });
+                if now.rip == insn {
+                    continue; // not executed yet
                 }
             }
+            // Anything else is a fault caused by our borrowed execution (all
+            // other signals are blocked); it must not reach the program.
+            return Err(Error::RemoteFault {
+                what: format!(
+                    "executing {what} at {insn:#x} in thread {tid} raised signal {sig} (rip {:#x})",
+                    now.rip
+                ),
+            });
         };
         let r = result as i64;
         if (-4095..0).contains(&r) {
@@ -617,10 +589,53 @@ impl Hijack<'_> {
         let tid = self.tid;
         let pid = self.process.pid();
         let deadline = Instant::now() + self.timeout;
+        loop {
+            let (sig, now) = self.run_to_signal(Resume::Continue, what, deadline)?;
+            let info = match sys::getsiginfo(tid) {
+                Ok(i) => i,
+                Err(errno) => return Err(self.ptrace_failed("GETSIGINFO", errno)),
+            };
+            // abort() in the callee sends SIGABRT to its own thread: that is
+            // the callee failing, not a signal for the program.
+            let self_abort = sig == libc::SIGABRT
+                && info.si_code <= 0
+                // SAFETY: si_code <= 0 (SI_USER, SI_TKILL, SI_QUEUE, ...):
+                // the kill fields of the union are the valid ones.
+                && unsafe { info.si_pid() } == pid;
+            if !self_abort && self.hold_if_user_sent(&info) {
+                continue; // sent by a process: re-injected on release
+            }
+            if sig == libc::SIGSEGV && now.rip == ret_addr {
+                return Ok(now.rax);
+            }
+            return Err(Error::CallFault {
+                what: format!("calling {what} in thread {tid} of process {pid}"),
+                signal: sig,
+                rip: now.rip,
+            });
+        }
+    }
+
+    /// Resumes the borrowed thread (one instruction, or freely) until it
+    /// reaches a signal-delivery-stop, and returns the signal with the
+    /// registers there. Stray interrupts and group-stops are resumed again;
+    /// SIGSTOP is passed on so the process stops as asked, and our next
+    /// resume continues it.
+    fn run_to_signal(
+        &mut self,
+        how: Resume,
+        what: &str,
+        deadline: Instant,
+    ) -> Result<(i32, libc::user_regs_struct)> {
+        let tid = self.tid;
         let mut inject = 0;
         loop {
-            if let Err(errno) = sys::cont(tid, inject) {
-                return Err(self.ptrace_failed("CONT", errno));
+            let resumed = match how {
+                Resume::Step => sys::step(tid, inject).map_err(|e| ("SINGLESTEP", e)),
+                Resume::Continue => sys::cont(tid, inject).map_err(|e| ("CONT", e)),
+            };
+            if let Err((req, errno)) = resumed {
+                return Err(self.ptrace_failed(req, errno));
             }
             self.state = State::Running;
             inject = 0;
@@ -630,7 +645,6 @@ impl Hijack<'_> {
                     self.state = State::Gone;
                     return Err(self.process.vanished(tid));
                 }
-                // The process was stopped, or a stray interrupt: go on.
                 Some(Report::Interrupt | Report::GroupStop(_) | Report::PtraceEvent(_)) => {
                     self.state = State::Stopped {
                         in_signal_stop: false,
@@ -641,36 +655,13 @@ impl Hijack<'_> {
                         in_signal_stop: true,
                     };
                     if sig == libc::SIGSTOP {
-                        // Let the process stop as asked (see syscall_named).
                         inject = sig;
                         continue;
                     }
-                    let info = match sys::getsiginfo(tid) {
-                        Ok(i) => i,
-                        Err(errno) => return Err(self.ptrace_failed("GETSIGINFO", errno)),
+                    return match sys::getregs(tid) {
+                        Ok(r) => Ok((sig, r)),
+                        Err(errno) => Err(self.ptrace_failed("GETREGS", errno)),
                     };
-                    let now = match sys::getregs(tid) {
-                        Ok(r) => r,
-                        Err(errno) => return Err(self.ptrace_failed("GETREGS", errno)),
-                    };
-                    // abort() in the callee sends SIGABRT to its own thread:
-                    // that is the callee failing, not a signal for the program.
-                    let self_abort = sig == libc::SIGABRT
-                        && info.si_code <= 0
-                        // SAFETY: si_code <= 0 (SI_USER, SI_TKILL, SI_QUEUE,
-                        // ...): the kill fields of the union are the valid ones.
-                        && unsafe { info.si_pid() } == pid;
-                    if !self_abort && self.hold_if_user_sent(&info) {
-                        continue; // sent by a process: re-injected on release
-                    }
-                    if sig == libc::SIGSEGV && now.rip == ret_addr {
-                        return Ok(now.rax);
-                    }
-                    return Err(Error::CallFault {
-                        what: format!("calling {what} in thread {tid} of process {pid}"),
-                        signal: sig,
-                        rip: now.rip,
-                    });
                 }
             }
         }

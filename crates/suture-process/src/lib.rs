@@ -368,32 +368,14 @@ impl Process {
 
     /// Reads `len` bytes of target memory at `addr` (through `/proc/PID/mem`).
     pub fn read_mem(&self, addr: u64, len: usize) -> Result<Vec<u8>> {
-        let mem = self.mem()?;
         let mut buf = vec![0u8; len];
-        let mut done = 0;
-        while done < len {
-            match mem.read_at(&mut buf[done..], addr + done as u64) {
-                Ok(0) => {
-                    self.ensure_alive()?;
-                    return Err(Error::io(
-                        format!("reading {len} bytes at {addr:#x} in process {}", self.pid),
-                        io::Error::new(io::ErrorKind::UnexpectedEof, "short read"),
-                    ));
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    self.ensure_alive()?;
-                    return Err(Error::io(
-                        format!(
-                            "reading {len} bytes at {addr:#x} in process {} (is it mapped and readable?)",
-                            self.pid
-                        ),
-                        e,
-                    ));
-                }
-            }
-        }
+        let result = self.mem()?.read_exact_at(&mut buf, addr);
+        self.mem_result(result, || {
+            format!(
+                "reading {len} bytes at {addr:#x} in process {} (is it mapped and readable?)",
+                self.pid
+            )
+        })?;
         Ok(buf)
     }
 
@@ -402,37 +384,23 @@ impl Process {
     /// private copy of the page, as a debugger's breakpoint write does).
     /// Fails unless every byte was written.
     pub fn write_mem(&self, addr: u64, data: &[u8]) -> Result<()> {
-        let mem = self.mem()?;
-        let mut done = 0;
-        while done < data.len() {
-            match mem.write_at(&data[done..], addr + done as u64) {
-                Ok(0) => {
-                    self.ensure_alive()?;
-                    return Err(Error::io(
-                        format!(
-                            "writing {} bytes at {addr:#x} in process {}",
-                            data.len(),
-                            self.pid
-                        ),
-                        io::Error::new(io::ErrorKind::WriteZero, "short write"),
-                    ));
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    self.ensure_alive()?;
-                    return Err(Error::io(
-                        format!(
-                            "writing {} bytes at {addr:#x} in process {} (is it mapped?)",
-                            data.len(),
-                            self.pid
-                        ),
-                        e,
-                    ));
-                }
-            }
-        }
-        Ok(())
+        let result = self.mem()?.write_all_at(data, addr);
+        self.mem_result(result, || {
+            format!(
+                "writing {} bytes at {addr:#x} in process {} (is it mapped?)",
+                data.len(),
+                self.pid
+            )
+        })
+    }
+
+    /// A failed access to `/proc/PID/mem` is the process exiting if it did,
+    /// else an I/O error described by `what`.
+    fn mem_result(&self, r: io::Result<()>, what: impl FnOnce() -> String) -> Result<()> {
+        r.or_else(|e| {
+            self.ensure_alive()?;
+            Err(Error::io(what(), e))
+        })
     }
 
     /// Checks, without attaching, that we may trace the process: it is alive,

@@ -16,6 +16,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "commands.h"
+
 volatile int spin_flag;
 volatile double work_result;
 
@@ -77,16 +79,6 @@ static void on_segv(int sig) {
     _exit(3);
 }
 
-static void *ticker(void *arg) {
-    (void)arg;
-    for (long n = 1;; n++) {
-        fprintf(stderr, "tick %ld\n", n);
-        struct timespec ts = {0, 2 * 1000 * 1000};
-        nanosleep(&ts, NULL);
-    }
-    return NULL;
-}
-
 static unsigned char pattern[16][16];
 
 static void spin(void) {
@@ -128,6 +120,16 @@ static void spin(void) {
     printf("xmm ok\n");
 }
 
+static void command(char *line)
+{
+    if (!strncmp(line, "echo ", 5))
+        printf("echo %s\n", line + 5);
+    else if (!strcmp(line, "spin"))
+        spin();
+    else if (!strcmp(line, "result"))
+        printf("result %.1f\n", work_result);
+}
+
 int main(void) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     signal(SIGSEGV, on_segv);
@@ -141,19 +143,5 @@ int main(void) {
     printf("forever %p\n", (void *)forever);
     printf("spin_flag %p\n", (void *)&spin_flag);
     printf("ready\n");
-    char buf[4096];
-    for (;;) {
-        ssize_t n = read(0, buf, sizeof buf - 1);
-        if (n <= 0)
-            return n < 0;
-        buf[n] = 0;
-        for (char *line = strtok(buf, "\n"); line; line = strtok(NULL, "\n")) {
-            if (!strncmp(line, "echo ", 5))
-                printf("echo %s\n", line + 5);
-            else if (!strcmp(line, "spin"))
-                spin();
-            else if (!strcmp(line, "result"))
-                printf("result %.1f\n", work_result);
-        }
-    }
+    return serve_commands(command);
 }

@@ -4,27 +4,25 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "commands.h"
+
 __attribute__((noinline)) int get_value(void) { return 1; }
 int (*volatile fp)(void) = get_value;
 static const char message[] = "original";
 const char *volatile msgp = message;
+
+static void command(char *line)
+{
+    if (!strcmp(line, "call"))
+        printf("value %d\n", fp());
+    else if (!strcmp(line, "msg"))
+        printf("message %s\n", msgp);
+}
 
 int main(void) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     printf("fn %p\n", (void *)get_value);
     printf("msg %p\n", (void *)message);
     printf("ready\n");
-    char buf[4096];
-    for (;;) {
-        ssize_t n = read(0, buf, sizeof buf - 1);
-        if (n <= 0)
-            return n < 0;
-        buf[n] = 0;
-        for (char *line = strtok(buf, "\n"); line; line = strtok(NULL, "\n")) {
-            if (!strcmp(line, "call"))
-                printf("value %d\n", fp());
-            else if (!strcmp(line, "msg"))
-                printf("message %s\n", msgp);
-        }
-    }
+    return serve_commands(command);
 }

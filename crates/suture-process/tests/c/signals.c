@@ -11,6 +11,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "commands.h"
+
 static volatile sig_atomic_t usr1, rt;
 static volatile long sent, received;
 static volatile int stop_raiser;
@@ -55,6 +57,30 @@ static void handle(int sig, void (*fn)(int)) {
     sigaction(sig, &sa, NULL);
 }
 
+/* The raiser thread, joined by the "check" command. */
+static pthread_t r;
+
+static void command(char *line)
+{
+    int a, b;
+    if (sscanf(line, "waitcounts %d %d", &a, &b) == 2) {
+        for (int i = 0; i < 10000 && (usr1 < a || rt < b); i++)
+            usleep(1000);
+        /* Give a duplicate delivery, if any, time to show up. */
+        usleep(200 * 1000);
+        printf("counts usr1 %d rt %d\n", (int)usr1, (int)rt);
+    } else if (!strcmp(line, "traps")) {
+        for (int i = 0; i < 10000 && !traps; i++)
+            usleep(1000);
+        usleep(200 * 1000);
+        printf("traps %d code %d pid %d\n", (int)traps, (int)trap_code, (int)trap_pid);
+    } else if (!strcmp(line, "check")) {
+        stop_raiser = 1;
+        pthread_join(r, NULL);
+        printf("raised %ld received %ld\n", sent, received);
+    }
+}
+
 int main(void) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     handle(SIGUSR1, on_usr1);
@@ -65,7 +91,7 @@ int main(void) {
     sa.sa_sigaction = on_trap;
     sa.sa_flags = SA_RESTART | SA_SIGINFO;
     sigaction(SIGTRAP, &sa, NULL);
-    pthread_t t, r;
+    pthread_t t;
     for (long i = 0; i < 3; i++)
         pthread_create(&t, NULL, spinner, (void *)i);
     pthread_create(&r, NULL, raiser, NULL);
@@ -73,34 +99,5 @@ int main(void) {
         usleep(100);
     printf("raiser %ld\n", raiser_tid);
     printf("ready\n");
-    char buf[4096];
-    for (;;) {
-        ssize_t n = read(0, buf, sizeof buf - 1);
-        if (n < 0) {
-            printf("read error %d\n", errno);
-            return 1;
-        }
-        if (n == 0)
-            return 0;
-        buf[n] = 0;
-        for (char *line = strtok(buf, "\n"); line; line = strtok(NULL, "\n")) {
-            int a, b;
-            if (sscanf(line, "waitcounts %d %d", &a, &b) == 2) {
-                for (int i = 0; i < 10000 && (usr1 < a || rt < b); i++)
-                    usleep(1000);
-                /* Give a duplicate delivery, if any, time to show up. */
-                usleep(200 * 1000);
-                printf("counts usr1 %d rt %d\n", (int)usr1, (int)rt);
-            } else if (!strcmp(line, "traps")) {
-                for (int i = 0; i < 10000 && !traps; i++)
-                    usleep(1000);
-                usleep(200 * 1000);
-                printf("traps %d code %d pid %d\n", (int)traps, (int)trap_code, (int)trap_pid);
-            } else if (!strcmp(line, "check")) {
-                stop_raiser = 1;
-                pthread_join(r, NULL);
-                printf("raised %ld received %ld\n", sent, received);
-            }
-        }
-    }
+    return serve_commands(command);
 }

@@ -10,6 +10,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "commands.h"
+
 #define NSPIN 8
 static volatile unsigned long counters[NSPIN];
 static volatile unsigned long sleeps, churns;
@@ -85,6 +87,40 @@ static void *churner(void *arg) {
     return NULL;
 }
 
+static void command(char *line)
+{
+    if (!strcmp(line, "progress")) {
+        unsigned long snap[NSPIN], s0 = sleeps, c0 = churns;
+        for (int i = 0; i < NSPIN; i++)
+            snap[i] = counters[i];
+        int stuck = -1;
+        for (int round = 0; round < 10000; round++) {
+            stuck = -1;
+            for (int i = 0; i < NSPIN; i++)
+                if (counters[i] == snap[i])
+                    stuck = i;
+            if (sleeps == s0)
+                stuck = 100;
+            if (churns == c0)
+                stuck = 200;
+            if (stuck < 0)
+                break;
+            usleep(1000);
+        }
+        if (stuck < 0)
+            printf("progress ok\n");
+        else
+            printf("progress stuck %d\n", stuck);
+    } else if (!strcmp(line, "wake")) {
+        if (write(pfd[1], "x", 1) != 1)
+            printf("write failed\n");
+        pthread_mutex_lock(&mu);
+        woken = 1;
+        pthread_cond_signal(&cv);
+        pthread_mutex_unlock(&mu);
+    }
+}
+
 int main(void) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (pipe(pfd))
@@ -100,47 +136,5 @@ int main(void) {
         usleep(100);
     printf("counters %p\n", (void *)counters);
     printf("ready\n");
-    char buf[4096];
-    for (;;) {
-        ssize_t n = read(0, buf, sizeof buf - 1);
-        if (n < 0) {
-            printf("read error %d\n", errno);
-            return 1;
-        }
-        if (n == 0)
-            return 0;
-        buf[n] = 0;
-        for (char *line = strtok(buf, "\n"); line; line = strtok(NULL, "\n")) {
-            if (!strcmp(line, "progress")) {
-                unsigned long snap[NSPIN], s0 = sleeps, c0 = churns;
-                for (int i = 0; i < NSPIN; i++)
-                    snap[i] = counters[i];
-                int stuck = -1;
-                for (int round = 0; round < 10000; round++) {
-                    stuck = -1;
-                    for (int i = 0; i < NSPIN; i++)
-                        if (counters[i] == snap[i])
-                            stuck = i;
-                    if (sleeps == s0)
-                        stuck = 100;
-                    if (churns == c0)
-                        stuck = 200;
-                    if (stuck < 0)
-                        break;
-                    usleep(1000);
-                }
-                if (stuck < 0)
-                    printf("progress ok\n");
-                else
-                    printf("progress stuck %d\n", stuck);
-            } else if (!strcmp(line, "wake")) {
-                if (write(pfd[1], "x", 1) != 1)
-                    printf("write failed\n");
-                pthread_mutex_lock(&mu);
-                woken = 1;
-                pthread_cond_signal(&cv);
-                pthread_mutex_unlock(&mu);
-            }
-        }
-    }
+    return serve_commands(command);
 }
