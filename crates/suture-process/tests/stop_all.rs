@@ -78,13 +78,7 @@ fn stops_spinning_and_blocked_threads_and_resumes_them() {
     stopped.resume().unwrap();
     target.assert_no_stop_reported();
 
-    // All threads continue, including the blocked ones.
-    target.send("progress");
-    target.expect("progress ok");
-    target.send("wake");
-    let mut got = vec![target.next_line().unwrap(), target.next_line().unwrap()];
-    got.sort();
-    assert_eq!(got, ["cond woke", "pipe got x"]);
+    assert_everyone_continues(&mut target);
 }
 
 #[test]
@@ -104,12 +98,7 @@ fn threads_created_and_exiting_meanwhile() {
         drop(stopped);
     }
     target.assert_no_stop_reported();
-    target.send("progress");
-    target.expect("progress ok");
-    target.send("wake");
-    let mut got = vec![target.next_line().unwrap(), target.next_line().unwrap()];
-    got.sort();
-    assert_eq!(got, ["cond woke", "pipe got x"]);
+    assert_everyone_continues(&mut target);
 }
 
 #[test]
@@ -125,4 +114,15 @@ fn hijack_and_stop_all_alternate() {
     }
     target.send("progress");
     target.expect("progress ok");
+}
+
+/// Every spinner, sleeper and churner makes progress, and the threads
+/// blocked on a pipe and a condition variable wake when asked.
+fn assert_everyone_continues(target: &mut Target) {
+    target.send("progress");
+    target.expect("progress ok");
+    target.send("wake");
+    let mut got = vec![target.next_line().unwrap(), target.next_line().unwrap()];
+    got.sort();
+    assert_eq!(got, ["cond woke", "pipe got x"]);
 }
