@@ -17,6 +17,20 @@ pub mod patch;
 pub mod symbols;
 
 pub use error::{Error, ResolveFailure};
+
+/// The compiler flags a patch is built with (README.md's SUTURE_CFLAGS,
+/// less `-I`): position-independent code, so far data goes through the
+/// GOT this crate builds; one section per function and object; unwind
+/// tables for the unwinder. `suture build` passes exactly these.
+pub const PATCH_CFLAGS: &[&str] = &[
+    "-c",
+    "-O2",
+    "-fPIC",
+    "-fno-common",
+    "-ffunction-sections",
+    "-fdata-sections",
+    "-fasynchronous-unwind-tables",
+];
 pub use link::{Layout, LinkedImage, Prot, Region};
 pub use patch::{
     CallbacksDesc, FuncDesc, ObjectDesc, PatchDesc, PatchFile, StateDesc, SymRef, SymbolAlias,

@@ -21,6 +21,7 @@ pub mod write;
 
 pub use ops::{apply, check, disable, list, status};
 pub use report::{ApplyReport, CheckReport, DisableReport, ProcessEntry, StatusReport};
+pub use suture_elf::PATCH_CFLAGS;
 
 /// Why an operation failed. Each message is one sentence a person can act on.
 #[derive(Debug, thiserror::Error)]

@@ -19,7 +19,7 @@ use std::path::Path;
 use std::time::Duration;
 use suture_elf::{Layout, PatchDesc, PatchFile, SymKind};
 use suture_model::{CallbackKind, Code, Func, Model, Object, Patch, SiteMode, State};
-use suture_process::{Hijack, Process};
+use suture_process::Process;
 use suture_x86::{in_rel32_range, jmp_abs, jmp_rel32, SitePlan};
 
 const HIJACK_TIMEOUT: Duration = Duration::from_secs(3);
@@ -85,15 +85,11 @@ impl Session {
         })
     }
 
-    fn save(&mut self, hijack: Option<&mut Hijack<'_>>) -> Result<(), Error> {
-        let base = match (self.store, hijack) {
-            (Some(b), _) => b,
-            (None, Some(h)) => {
-                let b = store::create(h)?;
-                self.store = Some(b);
-                b
-            }
-            (None, None) => {
+    /// Write the record, creating the store if this is the first one.
+    fn save(&mut self) -> Result<(), Error> {
+        let base = match self.store {
+            Some(b) => b,
+            None => {
                 let mut h = self.proc.hijack(HIJACK_TIMEOUT)?;
                 let b = store::create(&mut h)?;
                 h.release()?;
@@ -120,7 +116,7 @@ struct Prepared {
     desc: PatchDesc,
     /// The model's patch; new function addresses are filled in after linking.
     patch: Patch,
-    /// (object index, func index) of each model func -> its descriptor.
+    /// Sites to create for functions no earlier patch redirects.
     new_sites: Vec<NewSite>,
     symbols: BTreeMap<String, u64>,
     /// Where the image should go: near the first patched object.
@@ -254,7 +250,6 @@ fn prepare(s: &Session, path: &Path) -> Result<Prepared, Error> {
                 });
             }
         }
-        mo.callbacks = Vec::new();
         patch.objects.push(mo);
         patched_objs.push(obj);
     }
@@ -497,7 +492,6 @@ fn apply_prepared(
             site_addr: ns.plan.site_addr,
             original: ns.plan.original.clone(),
             slot: *slot,
-            trampoline: *slot,
             current: ns.plan.original.clone(),
         });
     }
@@ -527,7 +521,7 @@ fn apply_prepared(
     let before = model.site_modes();
     let threads = s.proc.threads()?;
     model.begin_enable(patch.clone(), &threads)?;
-    model.force_switch_all();
+    switch_every_thread(&mut model);
     let completion = model.complete()?;
     let after = model.site_modes();
 
@@ -554,16 +548,15 @@ fn apply_prepared(
                 len: text.1 - text.0,
             },
             file: path.to_string(),
-            file_size: layout.size(),
         },
     );
     s.rec.sites = sites;
     s.rec.model = model;
     retire_removed(s, &completion.removed);
     // Record the committed state before anything else can fail.
-    s.save(None)?;
+    s.save()?;
     collect_garbage(s, GC_ATTEMPTS)?;
-    s.save(None)?;
+    s.save()?;
 
     let funcs = s
         .rec
@@ -621,7 +614,7 @@ fn site_writes(
             .ok_or_else(|| Error::CorruptState(format!("no site recorded for {a:#x}")))?;
         let bytes = match mode {
             SiteMode::Original => site.original.clone(),
-            SiteMode::Jump(Code::Original) => jump_to(s, site, site.trampoline)?,
+            SiteMode::Jump(Code::Original) => jump_to(s, site, site.slot)?,
             SiteMode::Jump(Code::New(to)) => jump_to(s, site, to)?,
             SiteMode::Dispatch { .. } => {
                 return Err(Error::Other(
@@ -756,7 +749,7 @@ pub fn disable(pid: i32, name: &str) -> Result<DisableReport, Error> {
     let before = model.site_modes();
     let threads = s.proc.threads()?;
     model.begin_disable(name, &threads)?;
-    model.force_switch_all();
+    switch_every_thread(&mut model);
     let completion = model.complete()?;
     let after = model.site_modes();
 
@@ -781,9 +774,9 @@ pub fn disable(pid: i32, name: &str) -> Result<DisableReport, Error> {
     s.rec.sites = sites;
     s.rec.model = model;
     retire_removed(&mut s, &completion.removed);
-    s.save(None)?;
+    s.save()?;
     let (freed, kept) = collect_garbage(&mut s, GC_ATTEMPTS)?;
-    s.save(None)?;
+    s.save()?;
     Ok(DisableReport {
         pid,
         patch: name.to_string(),
@@ -853,15 +846,9 @@ pub fn list() -> Result<Vec<ProcessEntry>, Error> {
     Ok(out)
 }
 
-/// Immediate transitions: the model's threads all switch at once.
-trait SwitchAll {
-    fn force_switch_all(&mut self);
-}
-
-impl SwitchAll for Model {
-    fn force_switch_all(&mut self) {
-        for t in self.pending() {
-            self.switch_thread(t);
-        }
+/// Immediate transitions: every pending thread switches at once.
+fn switch_every_thread(model: &mut Model) {
+    for t in model.pending() {
+        model.switch_thread(t);
     }
 }

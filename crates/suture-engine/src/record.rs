@@ -38,10 +38,10 @@ pub struct Site {
     pub site_addr: u64,
     /// The bytes the jump overwrites, as found (equal to the file's).
     pub original: Vec<u8>,
-    /// The slot of the arena holding this site's helper code.
+    /// The arena slot of this site. It starts with the trampoline, the
+    /// relocated copy of the overwritten instructions (runs the original);
+    /// the absolute-jump stub is at `SLOT_STUB` in it.
     pub slot: u64,
-    /// The relocated copy of the overwritten instructions (runs the original).
-    pub trampoline: u64,
     /// The bytes currently written at `site_addr`.
     pub current: Vec<u8>,
 }
@@ -98,9 +98,8 @@ pub struct PatchMemory {
     pub image: Region,
     /// Executable part (for "is a thread still in it" checks).
     pub text: Region,
-    /// Path and SHA-256-free identity of the file it came from.
+    /// The patch file it was loaded from.
     pub file: String,
-    pub file_size: u64,
 }
 
 /// The whole record.

@@ -42,13 +42,13 @@ impl<'a> Resolver<'a> {
             let sym = file
                 .lookup(&a.name, a.sympos)
                 .map_err(|e| elf_err(e, obj))?;
-            return self.address(obj, &sym.name, sym.kind, bias + sym.vaddr);
+            return Ok(self.address(&sym.name, sym.kind, bias + sym.vaddr));
         }
         let mut suggestions = Vec::new();
         for obj in &self.patched {
             let (file, bias) = obj.elf()?;
             match file.lookup(name, 0) {
-                Ok(sym) => return self.address(obj, name, sym.kind, bias + sym.vaddr),
+                Ok(sym) => return Ok(self.address(name, sym.kind, bias + sym.vaddr)),
                 Err(LookupError::NotFound { suggestions: s, .. }) => suggestions.extend(s),
                 Err(e) => return Err(elf_err(e, obj)),
             }
@@ -58,7 +58,7 @@ impl<'a> Resolver<'a> {
                 continue;
             };
             if let Some(sym) = file.lookup_export(name) {
-                return self.address(obj, name, sym.kind, bias + sym.vaddr);
+                return Ok(self.address(name, sym.kind, bias + sym.vaddr));
             }
         }
         suggestions.sort();
@@ -76,17 +76,11 @@ impl<'a> Resolver<'a> {
 
     /// An IFUNC's address is its resolver's: remember it, the engine asks
     /// the resolver in the target which implementation it uses.
-    fn address(
-        &self,
-        _obj: &LoadedObject,
-        name: &str,
-        kind: SymKind,
-        addr: u64,
-    ) -> Result<u64, Error> {
+    fn address(&self, name: &str, kind: SymKind, addr: u64) -> u64 {
         if kind == SymKind::Ifunc {
             self.ifuncs.borrow_mut().push((name.to_string(), addr));
         }
-        Ok(addr)
+        addr
     }
 
     /// IFUNC symbols met so far: (name, resolver address).

@@ -19,13 +19,6 @@ const SLOT: u64 = 16 << 20;
 /// Size of the whole state mapping (pages are only used once written).
 pub const STATE_SIZE: u64 = HEADER + 2 * SLOT;
 
-/// Whether a mapping is one of suture's (by its memfd name).
-pub fn is_suture_mapping(m: &Mapping) -> bool {
-    m.path
-        .as_deref()
-        .is_some_and(|p| p.starts_with("/memfd:suture-"))
-}
-
 fn is_state_mapping(m: &Mapping) -> bool {
     m.path
         .as_deref()

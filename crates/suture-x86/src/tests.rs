@@ -938,9 +938,12 @@ mod prop {
 
     /// Assembles `ops` at `func`; branch operands are instruction indices.
     /// Returns the code, each instruction's address and each branch's (source index, target address).
+    /// Code, label addresses, and (instruction, target) of each branch.
+    type Built = (Vec<u8>, Vec<u64>, Vec<(usize, u64)>);
+
     /// None when iced cannot report a label's address (it lengthened the
     /// labelled branch): such generated cases are skipped.
-    fn build(func: u64, ops: &[Op], short: bool) -> Option<(Vec<u8>, Vec<u64>, Vec<(usize, u64)>)> {
+    fn build(func: u64, ops: &[Op], short: bool) -> Option<Built> {
         let n = ops.len();
         let mut a = CodeAssembler::new(64).unwrap();
         a.set_prefer_short_branch(short);

@@ -9,20 +9,6 @@ use std::process::Command;
 /// The header patches include.
 pub const SUTURE_H: &str = include_str!("../../../include/suture.h");
 
-/// Flags every patch is compiled with (documented in README.md):
-/// position-independent code so far data goes through suture's GOT, one
-/// section per function and object, and unwind tables for the unwinder.
-pub const CFLAGS: &[&str] = &[
-    "-c",
-    "-O2",
-    "-fPIC",
-    "-fno-common",
-    "-ffunction-sections",
-    "-fdata-sections",
-    "-fasynchronous-unwind-tables",
-    "-fno-exceptions",
-];
-
 /// A directory holding `suture.h` (written once per user under the temp dir).
 pub fn include_dir() -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!(
@@ -56,7 +42,7 @@ pub fn build(src: &Path, out: Option<&Path>, extra: &[String]) -> Result<PathBuf
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let inc = include_dir()?;
     let status = Command::new(&cc)
-        .args(CFLAGS)
+        .args(suture_engine::PATCH_CFLAGS)
         .arg("-I")
         .arg(&inc)
         .args(extra)

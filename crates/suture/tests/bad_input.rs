@@ -30,7 +30,7 @@ fn suture_maps(pid: i32) -> Vec<String> {
     std::fs::read_to_string(format!("/proc/{pid}/maps"))
         .unwrap()
         .lines()
-        .filter(|l| l.contains("suture-") && !l.contains("suture-state"))
+        .filter(|l| l.contains("/memfd:suture-") && !l.contains("/memfd:suture-state"))
         .map(String::from)
         .collect()
 }

@@ -205,7 +205,10 @@ fn check_changes_nothing() {
     assert_eq!(js["patch"], "static");
     assert_eq!(bytes_of(&mut t, "compute_static", 8), before);
     let maps_after = std::fs::read_to_string(format!("/proc/{}/maps", t.pid)).unwrap();
-    assert!(!maps_after.contains("suture"), "check mapped memory");
+    assert!(
+        !maps_after.contains("/memfd:suture-"),
+        "check mapped memory"
+    );
     assert_eq!(
         maps_before
             .lines()

@@ -5,16 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The flags `suture build` uses (SUTURE_CFLAGS), minus `-I`.
-pub const PATCH_CFLAGS: &[&str] = &[
-    "-c",
-    "-O2",
-    "-fPIC",
-    "-fno-common",
-    "-ffunction-sections",
-    "-fdata-sections",
-    "-fasynchronous-unwind-tables",
-];
+pub use suture_elf::PATCH_CFLAGS;
 
 pub fn include_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../include")
