@@ -420,7 +420,14 @@ fn apply_prepared(
     // Patch image near the first patched object when possible.
     let size = page_up(layout.size());
     let name = format!("suture-patch:{}", desc.name);
-    let base = match memory::map_near(&mut h, &maps, &name, size, near, memory::PROT_RW)? {
+    // Test-only: SUTURE_TEST_FAR_IMAGE places the image wherever the kernel
+    // likes, to exercise the out-of-reach paths (PLT stubs, site stubs).
+    let near_base = if std::env::var_os("SUTURE_TEST_FAR_IMAGE").is_some() {
+        None
+    } else {
+        memory::map_near(&mut h, &maps, &name, size, near, memory::PROT_RW)?
+    };
+    let base = match near_base {
         Some(a) => a,
         None => memory::create_named_mapping(&mut h, &name, size, None, memory::PROT_RW, false)?,
     };

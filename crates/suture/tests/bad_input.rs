@@ -240,3 +240,28 @@ fn paused_apply_completes_when_target_lives() {
     let r = t.fresh_results();
     assert!(r.iter().all(|x| x.1 == 44), "{r:?}");
 }
+
+#[test]
+fn unprivileged_user_gets_a_reason() {
+    // The test runs as root; run suture as `nobody` against a root target.
+    let mut t = Target::standard("target");
+    let dir = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.path().join("suture");
+    std::fs::copy(SUTURE, &bin).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&bin)
+        .args(["apply", &t.pid.to_string(), "/nonexistent.o"])
+        .output()
+        .expect("setpriv");
+    assert_eq!(out.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("not allowed to trace"), "{e}");
+    assert!(
+        e.contains("uid 65534") && e.contains("root"),
+        "says why and what to do: {e}"
+    );
+    assert!(t.alive());
+}

@@ -243,3 +243,100 @@ fn patch_code_calls_libc_ifuncs() {
     ok(&["disable", &pid(&t), "ifunc"]);
     all(&mut t, BASE);
 }
+
+#[test]
+fn suture_symbol_alias_names_a_static_variable() {
+    let mut t = Target::standard("target");
+    ok(&["apply", &pid(&t), &f("alias.o")]);
+    all(&mut t, (2, 421, 1001));
+    ok(&["disable", &pid(&t), "alias"]);
+    all(&mut t, BASE);
+}
+
+#[test]
+fn patch_memory_ends_with_the_right_permissions() {
+    let mut t = Target::standard("target");
+    ok(&["apply", &pid(&t), &f("static.o")]);
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", t.pid)).unwrap();
+    let ours: Vec<&str> = maps
+        .lines()
+        .filter(|l| l.contains("/memfd:suture-patch") || l.contains("/memfd:suture-sites"))
+        .collect();
+    assert!(
+        ours.iter().any(|l| l.contains(" r-xp ")),
+        "no executable patch code: {ours:?}"
+    );
+    for l in &ours {
+        let perms = l.split_whitespace().nth(1).unwrap();
+        assert!(
+            !(perms.contains('w') && perms.contains('x')),
+            "writable code: {l}"
+        );
+    }
+    all(&mut t, (44, 101, 1001));
+}
+
+#[test]
+fn demo_runs_start_to_finish() {
+    let out = ok(&["demo"]);
+    assert!(out.contains("charged -15 coins"), "the bug is shown: {out}");
+    assert!(
+        out.contains("error: invalid quantity"),
+        "the fix is shown: {out}"
+    );
+    assert!(out.contains("original code restored"), "{out}");
+    assert!(out.contains("demo complete"), "{out}");
+}
+
+#[test]
+fn patch_out_of_rel32_reach_goes_through_stubs() {
+    // The image lands far from the PIE program (the kernel's choice), so the
+    // site jumps through its absolute stub and the patch reaches the
+    // target's static helper and variable through its PLT and GOT.
+    let mut t = Target::standard("target");
+    let out = std::process::Command::new(SUTURE)
+        .args(["apply", &pid(&t), &f("static.o"), "--json"])
+        .env("SUTURE_TEST_FAR_IMAGE", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let image =
+        u64::from_str_radix(r["image"].as_str().unwrap().trim_start_matches("0x"), 16).unwrap();
+    let func = t.addr("compute_static");
+    assert!(
+        image.abs_diff(func) > 1 << 32,
+        "image {image:#x} is near {func:#x}"
+    );
+    all(&mut t, (44, 101, 1001));
+    ok(&["disable", &pid(&t), "static"]);
+    all(&mut t, BASE);
+    assert_eq!(
+        read_mem(t.pid, func, 8),
+        file_bytes(t.pid, &fixture("target"), func, 8)
+    );
+}
+
+#[test]
+fn endbr64_stays_in_place() {
+    // Built with -fcf-protection: every function starts with endbr64, which
+    // the site keeps so indirect calls still land on it.
+    let mut t = Target::standard("target-cet");
+    let a = t.addr("compute_global");
+    let endbr = [0xf3, 0x0f, 0x1e, 0xfa];
+    assert_eq!(read_mem(t.pid, a, 4), endbr);
+    ok(&["apply", &pid(&t), &f("global.o")]);
+    assert_eq!(read_mem(t.pid, a, 4), endbr);
+    assert_eq!(
+        read_mem(t.pid, a + 4, 1),
+        [0xe9],
+        "jmp rel32 right after endbr64"
+    );
+    all(&mut t, (2, 201, 1001));
+    ok(&["disable", &pid(&t), "global"]);
+    all(&mut t, BASE);
+}

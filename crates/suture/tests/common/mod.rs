@@ -45,6 +45,8 @@ pub fn fixtures() -> &'static Path {
             n.hash(&mut h);
             std::fs::read(n).unwrap().hash(&mut h);
         }
+        // The recipe below and the suture that builds the patches count too.
+        include_str!("mod.rs").hash(&mut h);
         std::fs::read(SUTURE)
             .map(|b| b.len())
             .unwrap_or(0)
@@ -86,6 +88,11 @@ fn build_all(src: &Path, out: &Path) {
         .args(&target_srcs)
         .arg("-ldl"));
     run(cc()
+        .args(["-O2", "-g", "-pthread", "-fcf-protection=full", "-o"])
+        .arg(o("target-cet"))
+        .args(&target_srcs)
+        .arg("-ldl"));
+    run(cc()
         .args(["-O2", "-pthread", "-rdynamic", "-o"])
         .arg(o("target-stripped"))
         .args(&target_srcs)
@@ -108,6 +115,7 @@ fn build_all(src: &Path, out: &Path) {
         "patch_noobj",
         "patch_buildid",
         "patch_ifunc",
+        "patch_alias",
     ] {
         run(Command::new(SUTURE)
             .arg("build")
