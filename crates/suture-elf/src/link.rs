@@ -783,6 +783,20 @@ impl LinkedImage {
         }
     }
 
+    /// `[start, end)` of the code a descriptor pointer refers to, as far as
+    /// this image can tell: from the address to the end of its section
+    /// (patches are built with one section per function). `None` for
+    /// undefined symbols, which are not part of the image.
+    pub fn extent_of(&self, r: &SymRef) -> Option<(u64, u64)> {
+        match r {
+            SymRef::Section { index, offset } => match self.section_addr.get(*index) {
+                Some(Some((addr, size))) if offset < size => Some((addr + offset, addr + size)),
+                _ => None,
+            },
+            SymRef::Undefined { .. } => None,
+        }
+    }
+
     /// `(address, len)` of the `.eh_frame` data, including a 4-byte zero
     /// terminator at its end (suitable for `__register_frame`).
     pub fn eh_frame(&self) -> Option<(u64, u64)> {

@@ -9,6 +9,8 @@
 //! ([`memory`]), symbol resolution ([`resolve`]) and the write protocol
 //! ([`write`]).
 
+pub mod check;
+pub mod frames;
 pub mod lock;
 pub mod memory;
 pub mod objects;
@@ -17,10 +19,14 @@ pub mod record;
 pub mod report;
 pub mod resolve;
 pub mod store;
+pub mod transition;
+pub mod worker;
 pub mod write;
 
-pub use ops::{apply, check, disable, list, status};
-pub use report::{ApplyReport, CheckReport, DisableReport, ProcessEntry, StatusReport};
+pub use ops::{apply, check, disable, force, list, status, wait, WaitEnd};
+pub use report::{
+    ApplyReport, CheckReport, DisableReport, ForceReport, ProcessEntry, StatusReport,
+};
 pub use suture_elf::PATCH_CFLAGS;
 
 /// Why an operation failed. Each message is one sentence a person can act on.

@@ -24,8 +24,8 @@ fn lock_dir() -> PathBuf {
     std::env::temp_dir().join("suture-locks")
 }
 
-/// Take the lock of `proc`, waiting up to `wait` for another command.
-pub fn lock(proc: &Process, wait: Duration) -> Result<TargetLock, Error> {
+/// Where files about `proc` go: `DIR/PID-STARTTIME.SUFFIX`.
+pub fn path_for(proc: &Process, suffix: &str) -> Result<PathBuf, Error> {
     let dir = lock_dir();
     std::fs::create_dir_all(&dir).map_err(|e| {
         Error::Other(format!(
@@ -33,7 +33,21 @@ pub fn lock(proc: &Process, wait: Duration) -> Result<TargetLock, Error> {
             dir.display()
         ))
     })?;
-    let path = dir.join(format!("{}-{}.lock", proc.pid(), proc.start_time()));
+    Ok(dir.join(format!("{}-{}.{suffix}", proc.pid(), proc.start_time())))
+}
+
+/// Take the lock of `proc` if nobody holds it.
+pub fn try_lock(proc: &Process) -> Result<Option<TargetLock>, Error> {
+    match lock(proc, Duration::ZERO) {
+        Ok(l) => Ok(Some(l)),
+        Err(Error::Locked { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Take the lock of `proc`, waiting up to `wait` for another command.
+pub fn lock(proc: &Process, wait: Duration) -> Result<TargetLock, Error> {
+    let path = path_for(proc, "lock")?;
     let deadline = Instant::now() + wait;
     loop {
         let file = OpenOptions::new()

@@ -14,9 +14,13 @@ pub const PAGE: u64 = 4096;
 pub const ARENA_NAME: &str = "suture-sites";
 /// Size of one arena and of its slots.
 pub const ARENA_SIZE: u64 = 64 * 1024;
-pub const SLOT_SIZE: u64 = 256;
+pub const SLOT_SIZE: u64 = 512;
 /// Offset in a slot of the absolute-jump stub (the trampoline comes first).
 pub const SLOT_STUB: u64 = 192;
+/// Offset in a slot of the dispatch stub used during transitions.
+pub const SLOT_DISPATCH: u64 = 256;
+/// memfd name of the pending tables of transitions.
+pub const TABLE_NAME: &str = "suture-threads";
 
 pub fn page_up(n: u64) -> u64 {
     n.div_ceil(PAGE) * PAGE

@@ -4,6 +4,7 @@
 use crate::Error;
 use std::cell::OnceCell;
 use std::path::Path;
+use std::sync::Arc;
 use suture_elf::ObjectFile;
 use suture_process::{Mapping, Process};
 
@@ -17,7 +18,10 @@ pub struct LoadedObject {
     first: (u64, u64),
     first_end: u64,
     pub is_main: bool,
+    /// Its executable mappings, `[start, end)`.
+    pub exec_ranges: Vec<(u64, u64)>,
     pid: i32,
+    bytes: OnceCell<Result<Arc<Vec<u8>>, String>>,
     parsed: OnceCell<Result<(ObjectFile, u64), String>>,
 }
 
@@ -29,19 +33,28 @@ impl LoadedObject {
             .unwrap_or(&self.path)
     }
 
-    /// The parsed file and its load bias.
-    pub fn elf(&self) -> Result<(&ObjectFile, u64), Error> {
-        let r = self.parsed.get_or_init(|| {
+    /// The file's bytes, read once.
+    pub fn bytes(&self) -> Result<Arc<Vec<u8>>, Error> {
+        let r = self.bytes.get_or_init(|| {
             // map_files opens exactly the file mapped, even across mount
             // namespaces or after the path was replaced on disk.
             let via = format!(
                 "/proc/{}/map_files/{:x}-{:x}",
                 self.pid, self.first.0, self.first_end
             );
-            let bytes = std::fs::read(&via)
+            std::fs::read(&via)
                 .or_else(|_| std::fs::read(format!("/proc/{}/root{}", self.pid, self.path)))
                 .or_else(|_| std::fs::read(&self.path))
-                .map_err(|e| format!("cannot read {}: {e}", self.path))?;
+                .map(Arc::new)
+                .map_err(|e| format!("cannot read {}: {e}", self.path))
+        });
+        r.clone().map_err(Error::Object)
+    }
+
+    /// The parsed file and its load bias.
+    pub fn elf(&self) -> Result<(&ObjectFile, u64), Error> {
+        let r = self.parsed.get_or_init(|| {
+            let bytes = self.bytes().map_err(|e| e.to_string())?;
             let file = ObjectFile::parse(&bytes).map_err(|e| format!("{}: {e}", self.path))?;
             let bias = file
                 .load_bias(self.first.0, self.first.1)
@@ -61,7 +74,9 @@ impl LoadedObject {
             end: m.end,
             first: (m.start, m.offset),
             is_main,
+            exec_ranges: Vec::new(),
             pid,
+            bytes: OnceCell::new(),
             parsed: OnceCell::new(),
             first_end: m.end,
         }
@@ -94,6 +109,9 @@ impl Objects {
             if let Some(o) = list.iter_mut().find(|o| o.path == path) {
                 o.start = o.start.min(m.start);
                 o.end = o.end.max(m.end);
+                if m.executable() {
+                    o.exec_ranges.push((m.start, m.end));
+                }
                 continue;
             }
             // Only files that are mapped from offset 0 are loaded objects.
@@ -101,7 +119,11 @@ impl Objects {
                 continue;
             }
             let is_main = exe.as_deref() == Some(path.trim_end_matches(" (deleted)"));
-            list.push(LoadedObject::new(proc.pid(), path.to_string(), m, is_main));
+            let mut o = LoadedObject::new(proc.pid(), path.to_string(), m, is_main);
+            if m.executable() {
+                o.exec_ranges.push((m.start, m.end));
+            }
+            list.push(o);
         }
         // Data files mapped from offset 0 (locale archives...) are weeded
         // out lazily: their ELF parse fails and they never match a name.

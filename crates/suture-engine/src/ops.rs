@@ -6,19 +6,23 @@
 //! at once (the model's transition is started and completed in one step).
 
 use crate::lock;
-use crate::memory::{self, page_up, SLOT_STUB};
+use crate::memory::{self, page_up, SLOT_DISPATCH, SLOT_STUB};
 use crate::objects::{LoadedObject, Objects};
 use crate::record::{PatchMemory, Record, Region, Site, SlotUse};
 use crate::report::*;
 use crate::resolve::Resolver;
 use crate::store;
-use crate::write::{write_code, CodeWrite};
+use crate::transition::{self, Mirror};
+use crate::worker;
+use crate::write::{write_code, write_code_with, CodeWrite};
 use crate::Error;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 use suture_elf::{Layout, PatchDesc, PatchFile, SymKind};
-use suture_model::{CallbackKind, Code, Func, Model, Object, Patch, SiteMode, State};
+use suture_model::{
+    CallbackKind, Code, Completion, DisableKind, Func, Model, Object, Patch, SiteMode, State,
+};
 use suture_process::Process;
 use suture_x86::{in_rel32_range, jmp_abs, jmp_rel32, SitePlan};
 
@@ -59,19 +63,75 @@ impl suture_x86::Memory for TargetMemory<'_> {
     }
 }
 
+/// What a command means to do with a process, which decides how it treats
+/// a transition's worker holding the lock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Intent<'a> {
+    /// Start something new: refused as busy while a transition runs
+    /// (`requested` names what was asked for).
+    Change { requested: &'a str },
+    /// Act on the transition itself (reverse, force, resume): the worker is
+    /// asked to stop and the command takes over.
+    TakeOver,
+}
+
 /// An opened, locked target and its record.
-struct Session {
-    proc: Process,
+pub(crate) struct Session {
+    pub(crate) proc: Process,
     _lock: lock::TargetLock,
-    store: Option<u64>,
-    rec: Record,
+    pub(crate) store: Option<u64>,
+    pub(crate) rec: Record,
+}
+
+/// The record of a process, read without the lock (for reports).
+pub(crate) fn read_record(proc: &Process) -> Result<Record, Error> {
+    let Some(base) = store::find_store(&proc.maps()?) else {
+        return Ok(Record::new());
+    };
+    // A writer may flip slots under us twice in a row; read again.
+    let mut last = None;
+    for _ in 0..5 {
+        match store::read(proc, base) {
+            Ok(r) => return Ok(r),
+            Err(e @ Error::CorruptState(_)) => last = Some(e),
+            Err(e) => return Err(e),
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Err(last.expect("loop ran"))
 }
 
 impl Session {
-    fn open(pid: i32) -> Result<Session, Error> {
+    pub(crate) fn open(pid: i32, intent: Intent<'_>) -> Result<Session, Error> {
         let proc = Process::open(pid)?;
+        let lock = match lock::try_lock(&proc)? {
+            Some(l) => l,
+            None => {
+                // Held: by a transition's worker, or by another command.
+                let rec = read_record(&proc)?;
+                let worker = rec
+                    .transition
+                    .as_ref()
+                    .and_then(|t| t.worker.clone())
+                    .filter(|w| worker::alive(w, pid));
+                match (worker, rec.model.transition(), intent) {
+                    (Some(w), _, Intent::TakeOver) => {
+                        worker::stop(&w)?;
+                        lock::lock(&proc, LOCK_WAIT)?
+                    }
+                    (Some(_), Some(t), Intent::Change { requested }) => {
+                        return Err(suture_model::ModelError::Busy {
+                            transition: t.patch.clone(),
+                            requested: requested.to_string(),
+                        }
+                        .into())
+                    }
+                    _ => lock::lock(&proc, LOCK_WAIT)?,
+                }
+            }
+        };
+        // Only now: a worker that just let go may still have been attached.
         proc.check_traceable()?;
-        let lock = lock::lock(&proc, LOCK_WAIT)?;
         let store = store::find_store(&proc.maps()?);
         let rec = match store {
             Some(base) => store::read(&proc, base)?,
@@ -86,7 +146,7 @@ impl Session {
     }
 
     /// Write the record, creating the store if this is the first one.
-    fn save(&mut self) -> Result<(), Error> {
+    pub(crate) fn save(&mut self) -> Result<(), Error> {
         let base = match self.store {
             Some(b) => b,
             None => {
@@ -346,7 +406,8 @@ fn link(
 
 /// Run every check `apply` makes, changing nothing.
 pub fn check(pid: i32, path: &Path) -> Result<CheckReport, Error> {
-    let s = Session::open(pid)?;
+    let name = read_patch(path)?.descriptor().name.clone();
+    let s = Session::open(pid, Intent::Change { requested: &name })?;
     let p = prepare(&s, path)?;
     // Linking at a plausible address checks relocations too.
     let base = p.near.1.next_multiple_of(memory::PAGE);
@@ -376,7 +437,8 @@ struct Undo {
 
 /// Load and enable a patch.
 pub fn apply(pid: i32, path: &Path) -> Result<ApplyReport, Error> {
-    let mut s = Session::open(pid)?;
+    let name = read_patch(path)?.descriptor().name.clone();
+    let mut s = Session::open(pid, Intent::Change { requested: &name })?;
     let p = prepare(&s, path)?;
     let mut undo = Undo::default();
     let arenas_before = s.rec.arenas.len();
@@ -474,6 +536,13 @@ fn apply_prepared(
         arena.used.insert(slot, SlotUse::Site);
         slots.push(arena.slot_addr(slot));
     }
+    let table = if transition::immediate() {
+        None
+    } else {
+        let t = transition::new_table(&mut h, s.proc.threads()?.len())?;
+        undo.regions.push(t.0.clone());
+        Some(t)
+    };
     h.release()?;
 
     // Trampolines: the relocated first instructions of each function.
@@ -504,9 +573,11 @@ fn apply_prepared(
     }
 
     // New function and callback addresses.
+    let mut extents = Vec::new();
     for (mo, od) in patch.objects.iter_mut().zip(&desc.objects) {
         for (f, fd) in mo.funcs.iter_mut().zip(&od.funcs) {
             f.new_addr = image.address_of(&fd.new_func).map_err(Error::Link)?;
+            extents.extend(image.extent_of(&fd.new_func));
         }
         let cbs = [
             (CallbackKind::PrePatch, &od.callbacks.pre_patch),
@@ -523,47 +594,92 @@ fn apply_prepared(
     }
 
     test_pause("loaded");
-    // The model: enable, every thread switches at once, complete.
+    let text = image.text_range();
+    let memory = PatchMemory {
+        image: Region {
+            addr: base,
+            len: size,
+        },
+        text: Region {
+            addr: text.0,
+            len: text.1 - text.0,
+        },
+        file: path.to_string(),
+        funcs: extents,
+        eh_frame: image.eh_frame(),
+    };
     let mut model = s.rec.model.clone();
     let before = model.site_modes();
     let threads = s.proc.threads()?;
     model.begin_enable(patch.clone(), &threads)?;
-    switch_every_thread(&mut model);
-    let completion = model.complete()?;
-    let after = model.site_modes();
-
     let mut sites = s.rec.sites.clone();
     for r in new_site_records {
         sites.insert(r.func_addr, r);
     }
-    let writes = site_writes(s, &mut sites, &before, &after)?;
-    write_code(&s.proc, &writes, &[])?;
+    let mut completion = None;
+    match table {
+        None => {
+            // Test-only immediate mode: every thread at once.
+            transition::switch_every_thread(&mut model);
+            let c = model.complete()?;
+            let after = model.site_modes();
+            let writes = site_writes(&s.proc, &mut sites, &before, &after)?;
+            write_code(&s.proc, &writes, &[])?;
+            s.rec.sites = sites;
+            completion = Some(c);
+        }
+        Some(table) => {
+            s.rec.sites = sites;
+            let after = model.site_modes();
+            let proc = &s.proc;
+            let jumps = |sites: &BTreeMap<u64, Site>| {
+                let mut sites = sites.clone();
+                let w = site_writes(proc, &mut sites, &before, &after)?;
+                Ok((w, sites))
+            };
+            if let Err(e) = transition::begin(
+                proc,
+                &mut s.rec,
+                &mut model,
+                table,
+                &jumps,
+                &|_| true,
+                now(),
+            ) {
+                s.rec.sites.retain(|a, _| before.contains_key(a));
+                return Err(e);
+            }
+        }
+    }
 
     // Committed: the jumps are in place. Record it.
     undo.regions.clear();
     undo.new_arenas = 0;
-    let text = image.text_range();
-    s.rec.patches.insert(
-        desc.name.clone(),
-        PatchMemory {
-            image: Region {
-                addr: base,
-                len: size,
-            },
-            text: Region {
-                addr: text.0,
-                len: text.1 - text.0,
-            },
-            file: path.to_string(),
-        },
-    );
-    s.rec.sites = sites;
+    s.rec.patches.insert(desc.name.clone(), memory);
     s.rec.model = model;
-    retire_removed(s, &completion.removed);
+    if let Some(c) = &completion {
+        retire_removed(s, &c.removed);
+    }
     // Record the committed state before anything else can fail.
     s.save()?;
-    collect_garbage(s, GC_ATTEMPTS)?;
-    s.save()?;
+    let (replaced, pending) = match completion {
+        Some(c) => {
+            collect_garbage(s, GC_ATTEMPTS)?;
+            s.save()?;
+            (c.removed.iter().map(|p| p.name.clone()).collect(), 0)
+        }
+        None => match settle(s)? {
+            Settled::Complete(f) => (
+                f.completion
+                    .removed
+                    .iter()
+                    .map(|p| p.name.clone())
+                    .collect(),
+                0,
+            ),
+            Settled::Pending(n) => (Vec::new(), n),
+        },
+    };
 
     let funcs = s
         .rec
@@ -597,14 +713,15 @@ fn apply_prepared(
         image: format!("{base:#x}"),
         image_size: size,
         funcs,
-        replaced: completion.removed.iter().map(|p| p.name.clone()).collect(),
+        replaced,
+        pending,
     })
 }
 
 /// The bytes every changed site needs, given the site modes before and after.
 /// Sites that end with no entry get their original bytes back and leave `sites`.
 fn site_writes(
-    s: &Session,
+    proc: &Process,
     sites: &mut BTreeMap<u64, Site>,
     before: &BTreeMap<u64, SiteMode>,
     after: &BTreeMap<u64, SiteMode>,
@@ -621,13 +738,10 @@ fn site_writes(
             .ok_or_else(|| Error::CorruptState(format!("no site recorded for {a:#x}")))?;
         let bytes = match mode {
             SiteMode::Original => site.original.clone(),
-            SiteMode::Jump(Code::Original) => jump_to(s, site, site.slot)?,
-            SiteMode::Jump(Code::New(to)) => jump_to(s, site, to)?,
-            SiteMode::Dispatch { .. } => {
-                return Err(Error::Other(
-                    "internal error: a per-thread dispatch was requested but transitions are immediate in this version".into(),
-                ))
-            }
+            SiteMode::Jump(Code::Original) => jump_to(proc, site, site.slot)?,
+            SiteMode::Jump(Code::New(to)) => jump_to(proc, site, to)?,
+            // The stub is in the site's own slot, always in rel32 reach.
+            SiteMode::Dispatch { .. } => jump_to(proc, site, site.slot + SLOT_DISPATCH)?,
         };
         if bytes != site.current {
             writes.push(CodeWrite {
@@ -644,13 +758,13 @@ fn site_writes(
 
 /// A jump from the site to `to`: direct when in rel32 reach, else through
 /// the site's absolute-jump stub (written now; the site is not live yet).
-fn jump_to(s: &Session, site: &Site, to: u64) -> Result<Vec<u8>, Error> {
+fn jump_to(proc: &Process, site: &Site, to: u64) -> Result<Vec<u8>, Error> {
     let len = site.overwritten_len();
     let mut bytes = match jmp_rel32(site.site_addr, to) {
         Some(j) => j.to_vec(),
         None => {
             let stub = site.slot + SLOT_STUB;
-            s.proc.write_mem(stub, &jmp_abs(to))?;
+            proc.write_mem(stub, &jmp_abs(to))?;
             jmp_rel32(site.site_addr, stub)
                 .ok_or_else(|| Error::Placement("the site stub is out of reach".into()))?
                 .to_vec()
@@ -693,7 +807,7 @@ fn collect_garbage(s: &mut Session, attempts: u32) -> Result<(u64, u64), Error> 
                     .collect::<Vec<_>>()
             })
             .collect();
-        if s.rec.retired.is_empty() && slots.is_empty() {
+        if s.rec.retired.is_empty() && slots.is_empty() && s.rec.retired_regions.is_empty() {
             break;
         }
         if attempt > 0 {
@@ -705,10 +819,36 @@ fn collect_garbage(s: &mut Session, attempts: u32) -> Result<(u64, u64), Error> 
             addr: *a,
             len: memory::SLOT_SIZE,
         }));
+        // A pending table stays while a thread may be inside a dispatch
+        // stub (which reads it) or holds a pointer into it.
+        let tables = s.rec.retired_regions.clone();
+        let stubs: Vec<Region> = s
+            .rec
+            .sites
+            .values()
+            .map(|x| Region {
+                addr: x.slot + SLOT_DISPATCH,
+                len: memory::SLOT_SIZE - SLOT_DISPATCH,
+            })
+            .collect();
+        regions.extend(tables.iter().cloned());
+        regions.extend(stubs.iter().cloned());
         let outcome = write_code(&s.proc, &[], &regions)?;
         let n = s.rec.retired.len();
-        let (images, slot_free) = outcome.free.split_at(n);
+        let (images, rest) = outcome.free.split_at(n);
+        let (slot_free, rest) = rest.split_at(slots.len());
+        let (table_free, stub_free) = rest.split_at(tables.len());
+        let no_stub_busy = stub_free.iter().all(|f| *f);
         let mut unmap = Vec::new();
+        let mut keep_tables = Vec::new();
+        for (r, free) in tables.into_iter().zip(table_free) {
+            if *free && no_stub_busy {
+                unmap.push(r);
+            } else {
+                keep_tables.push(r);
+            }
+        }
+        s.rec.retired_regions = keep_tables;
         let mut keep = Vec::new();
         for (m, free) in std::mem::take(&mut s.rec.retired).into_iter().zip(images) {
             if *free {
@@ -746,27 +886,224 @@ fn collect_garbage(s: &mut Session, attempts: u32) -> Result<(u64, u64), Error> 
     Ok((freed, kept))
 }
 
-/// Disable a patch and unload it.
+/// Seconds since the epoch.
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A completed transition, as the engine saw it.
+pub(crate) struct Finished {
+    pub(crate) completion: Completion,
+    /// Functions whose original bytes are back.
+    pub(crate) restored: Vec<String>,
+}
+
+/// Where a transition stands after the command's own first pass.
+enum Settled {
+    Complete(Finished),
+    /// Threads still pending; a worker goes on.
+    Pending(usize),
+}
+
+/// First pass over a transition just begun or reversed: check every thread
+/// once, complete if all switched, else hand over to a worker.
+fn settle(s: &mut Session) -> Result<Settled, Error> {
+    let swept = (|| {
+        let Session { proc, rec, .. } = &mut *s;
+        let mut tracer = proc.tracer();
+        let mut d = transition::Driver::new(proc, rec)?;
+        d.reconcile(&mut tracer, false)?;
+        d.sweep(&mut tracer, false)
+    })();
+    s.save()?;
+    // If this pass failed, the worker tries again.
+    if swept.is_ok() && s.rec.model.pending().is_empty() {
+        if let Some(c) = finish(s, false)? {
+            return Ok(Settled::Complete(c));
+        }
+    }
+    worker::spawn(&s.proc)?;
+    Ok(Settled::Pending(s.rec.model.pending().len()))
+}
+
+/// Complete the transition once no thread is pending (kernel:
+/// `klp_complete_transition`): in one stop, make sure no thread still runs
+/// as pending (a new thread reusing a pending thread's pointer; with
+/// `forced` they are switched too), then write every site's final jump (or
+/// original bytes). `None` if a pending thread turned up.
+pub(crate) fn finish(s: &mut Session, forced: bool) -> Result<Option<Finished>, Error> {
+    let t = s
+        .rec
+        .transition
+        .clone()
+        .ok_or(suture_model::ModelError::NoTransition)?;
+    let mirror = Mirror::read(&s.proc, &t)?;
+    let mut model = s.rec.model.clone();
+    let before = model.site_modes();
+    let completion = model.complete()?;
+    let after = model.site_modes();
+    let mut sites = s.rec.sites.clone();
+    let writes = site_writes(&s.proc, &mut sites, &before, &after)?;
+    let mut orphans: Vec<(i32, u64)> = Vec::new();
+    let mut make = |stopped: &suture_process::StoppedProcess<'_>| {
+        orphans = stopped
+            .threads()
+            .into_iter()
+            .filter_map(|tid| {
+                let tp = stopped.regs(tid)?.fs_base;
+                mirror.contains(tp).then_some((tid, tp))
+            })
+            .collect();
+        if !forced && !orphans.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(writes.clone()))
+    };
+    if write_code_with(&s.proc, &mut make, &[])?.is_none() {
+        let tr = s.rec.transition.as_mut().expect("checked");
+        for (tid, tp) in orphans {
+            s.rec.model.add_pending_thread(tid);
+            tr.tps.insert(tid, tp);
+        }
+        s.save()?;
+        return Ok(None);
+    }
+    // Committed. Sites whose stack emptied have their original bytes back;
+    // their slots, like the removed patches' memory and the pending table,
+    // are retired and freed once no thread can be in them.
+    let gone: Vec<Site> = sites
+        .values()
+        .filter(|x| !after.contains_key(&x.func_addr))
+        .cloned()
+        .collect();
+    for x in &gone {
+        sites.remove(&x.func_addr);
+        if let Some((ai, si)) = s.rec.slot_owner(x.slot) {
+            s.rec.arenas[ai].used.insert(si, SlotUse::Retired);
+        }
+    }
+    s.rec.sites = sites;
+    s.rec.model = model;
+    s.rec.transition = None;
+    s.rec.retired_regions.push(t.table);
+    retire_removed(s, &completion.removed);
+    s.save()?;
+    collect_garbage(s, GC_ATTEMPTS)?;
+    s.save()?;
+    Ok(Some(Finished {
+        completion,
+        restored: gone.into_iter().map(|x| x.name).collect(),
+    }))
+}
+
+/// Which intent a command about patch `name` has: acting on the patch in
+/// transition takes the transition over.
+fn intent_for(pid: i32, name: &str) -> Result<Intent<'_>, Error> {
+    let proc = Process::open(pid)?;
+    let rec = read_record(&proc)?;
+    Ok(match rec.model.transition() {
+        Some(t) if t.patch == name => Intent::TakeOver,
+        _ => Intent::Change { requested: name },
+    })
+}
+
+/// Disable a patch (or reverse its transition if it is in one).
 pub fn disable(pid: i32, name: &str) -> Result<DisableReport, Error> {
-    let mut s = Session::open(pid)?;
+    let mut s = Session::open(pid, intent_for(pid, name)?)?;
     if s.store.is_none() {
         return Err(Error::NoState(pid));
     }
     let mut model = s.rec.model.clone();
     let before = model.site_modes();
     let threads = s.proc.threads()?;
-    model.begin_disable(name, &threads)?;
-    switch_every_thread(&mut model);
-    let completion = model.complete()?;
+    let kind = model.begin_disable(name, &threads)?;
+    let reversed = kind == DisableKind::Reversed;
+    if transition::immediate() {
+        transition::switch_every_thread(&mut model);
+        let completion = model.complete()?;
+        let after = model.site_modes();
+        let mut sites = s.rec.sites.clone();
+        let writes = site_writes(&s.proc, &mut sites, &before, &after)?;
+        write_code(&s.proc, &writes, &[])?;
+        s.rec.transition = None;
+        // Reuse finish's bookkeeping by replaying it on a completed model.
+        return Ok(commit_immediate(
+            s, model, sites, after, completion, name, reversed,
+        )?);
+    }
+    let (table, pending, started): (_, Box<dyn Fn(u64) -> bool>, _) = match kind {
+        DisableKind::Started => {
+            let mut h = s.proc.hijack(HIJACK_TIMEOUT)?;
+            let t = transition::new_table(&mut h, threads.len());
+            h.release()?;
+            (t?, Box::new(|_| true), now())
+        }
+        DisableKind::Reversed => {
+            // Threads still in the old start state are done; the others
+            // (not in the table) become the pending ones.
+            let t = s.rec.transition.clone().ok_or_else(|| {
+                Error::CorruptState("the model is in transition but the record has no table".into())
+            })?;
+            let old = Mirror::read(&s.proc, &t)?;
+            (
+                (t.table.clone(), t.bits),
+                Box::new(move |tp| !old.contains(tp)),
+                t.started,
+            )
+        }
+    };
     let after = model.site_modes();
+    let fresh_table = (kind == DisableKind::Started).then(|| table.0.clone());
+    {
+        let proc = &s.proc;
+        let jumps = |sites: &BTreeMap<u64, Site>| {
+            let mut sites = sites.clone();
+            let w = site_writes(proc, &mut sites, &before, &after)?;
+            Ok((w, sites))
+        };
+        if let Err(e) = transition::begin(
+            proc, &mut s.rec, &mut model, table, &jumps, &*pending, started,
+        ) {
+            if let Some(r) = fresh_table {
+                if let Ok(mut h) = s.proc.hijack(HIJACK_TIMEOUT) {
+                    let _ = h.munmap(r.addr, r.len);
+                    let _ = h.release();
+                }
+            }
+            return Err(e);
+        }
+    }
+    s.rec.model = model;
+    s.save()?;
+    let (restored, pending) = match settle(&mut s)? {
+        Settled::Complete(c) => (c.restored, 0),
+        Settled::Pending(n) => (Vec::new(), n),
+    };
+    let kept: u64 = s.rec.retired.iter().map(|m| m.image.len).sum();
+    Ok(DisableReport {
+        pid,
+        patch: name.to_string(),
+        reversed,
+        restored,
+        freed_bytes: 0,
+        deferred_bytes: kept,
+        pending,
+    })
+}
 
-    let mut sites = s.rec.sites.clone();
-    let writes = site_writes(&s, &mut sites, &before, &after)?;
-    write_code(&s.proc, &writes, &[])?;
-
-    // Committed. Sites whose stack emptied have their original bytes back;
-    // their slots, like the removed patches' memory, are retired and freed
-    // once no thread can be in them.
+/// The bookkeeping after an immediate (test-only) disable.
+fn commit_immediate(
+    mut s: Session,
+    model: Model,
+    mut sites: BTreeMap<u64, Site>,
+    after: BTreeMap<u64, SiteMode>,
+    completion: Completion,
+    name: &str,
+    reversed: bool,
+) -> Result<DisableReport, Error> {
     let gone: Vec<Site> = sites
         .values()
         .filter(|x| !after.contains_key(&x.func_addr))
@@ -785,26 +1122,127 @@ pub fn disable(pid: i32, name: &str) -> Result<DisableReport, Error> {
     let (freed, kept) = collect_garbage(&mut s, GC_ATTEMPTS)?;
     s.save()?;
     Ok(DisableReport {
-        pid,
+        pid: s.proc.pid(),
         patch: name.to_string(),
+        reversed,
         restored: gone.iter().map(|x| x.name.clone()).collect(),
         freed_bytes: freed,
         deferred_bytes: kept,
+        pending: 0,
     })
+}
+
+/// Switch every pending thread of the transition now, knowingly breaking
+/// the consistency model (kernel: `klp_force_transition`).
+pub fn force(pid: i32) -> Result<ForceReport, Error> {
+    let mut s = Session::open(pid, Intent::TakeOver)?;
+    let Some(t) = s.rec.model.transition().cloned() else {
+        return Err(Error::Other(format!(
+            "process {pid} has no transition in progress; nothing to force"
+        )));
+    };
+    let switched = s.rec.model.force()?;
+    let forced: Vec<String> = s
+        .rec
+        .model
+        .patches()
+        .iter()
+        .map(|p| p.name.clone())
+        .collect();
+    s.save()?;
+    if finish(&mut s, true)?.is_none() {
+        return Err(Error::Other(
+            "internal error: a forced completion was declined".into(),
+        ));
+    }
+    Ok(ForceReport {
+        pid,
+        patch: t.patch,
+        target: format!("{:?}", t.target).to_lowercase(),
+        switched,
+        forced,
+    })
+}
+
+/// How waiting for a transition ended.
+pub enum WaitEnd {
+    /// The transition of `patch` is over; `present`: the patch is listed.
+    Complete { present: bool },
+    /// Still pending at the deadline; the report says who and where.
+    TimedOut(Box<StatusReport>),
+}
+
+/// Wait for the transition of `patch` to finish, calling `progress` with
+/// (switched, total) threads as it goes. A transition whose worker is gone
+/// (killed, or a forked child's) gets a new one.
+pub fn wait(
+    pid: i32,
+    patch: &str,
+    timeout: Option<Duration>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<WaitEnd, Error> {
+    let proc = Process::open(pid)?;
+    let deadline = timeout.map(|t| std::time::Instant::now() + t);
+    let mut workerless = 0u32;
+    loop {
+        let rec = read_record(&proc)?;
+        let in_transition = rec.model.transition().is_some_and(|t| t.patch == patch);
+        if !in_transition {
+            return Ok(WaitEnd::Complete {
+                present: rec.model.patch(patch).is_some(),
+            });
+        }
+        if let Some(t) = &rec.transition {
+            let pending = rec.model.pending().len();
+            let total = t.tps.len().max(pending);
+            progress(total - pending, total);
+            let has_worker = t.worker.as_ref().is_some_and(|w| worker::alive(w, pid));
+            if has_worker {
+                workerless = 0;
+            } else {
+                workerless += 1;
+                // The first polls may precede the new worker's start.
+                if workerless >= 40 {
+                    if let Some(l) = lock::try_lock(&proc)? {
+                        drop(l);
+                        worker::spawn(&proc)?;
+                    }
+                    workerless = 0;
+                }
+            }
+        }
+        if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            return Ok(WaitEnd::TimedOut(Box::new(status(pid)?)));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// The model and sites of a process, as recorded in it.
 pub fn status(pid: i32) -> Result<StatusReport, Error> {
     let proc = Process::open(pid)?;
-    let maps = proc.maps()?;
-    let rec = match store::find_store(&maps) {
-        Some(base) => store::read(&proc, base)?,
-        None => Record::new(),
-    };
+    let rec = read_record(&proc)?;
     let mut report = StatusReport::from_record(pid, &rec);
     if let Some(t) = report.transition.as_mut() {
+        // A child forked during a transition inherits the record of its
+        // parent: threads of the parent are not ours, nor is the worker.
+        let live: BTreeSet<i32> = proc.threads()?.into_iter().collect();
+        t.pending.retain(|p| live.contains(&p.tid));
+        t.thread_states.retain(|p| live.contains(&p.tid));
+        let tracked: BTreeSet<i32> = t.thread_states.iter().map(|p| p.tid).collect();
+        t.unexamined = live.difference(&tracked).copied().collect();
+        t.threads = t.thread_states.len();
+        t.switched = t.threads.saturating_sub(t.pending.len());
+        let w = rec.transition.as_ref().and_then(|x| x.worker.as_ref());
+        t.worker = w.filter(|w| worker::alive(w, pid)).map(|w| w.pid);
+        let objects = Objects::discover(&proc, &proc.maps()?)?;
+        let names = crate::frames::Namer::new(&objects, &rec);
         for p in &mut t.pending {
             p.name = proc.thread_name(p.tid).unwrap_or_default();
+            for (i, f) in p.frames.iter_mut().enumerate() {
+                let pc = u64::from_str_radix(f.address.trim_start_matches("0x"), 16).unwrap_or(0);
+                *f = names.describe(pc, i > 0);
+            }
         }
     }
     Ok(report)
@@ -851,11 +1289,4 @@ pub fn list() -> Result<Vec<ProcessEntry>, Error> {
         }
     }
     Ok(out)
-}
-
-/// Immediate transitions: every pending thread switches at once.
-fn switch_every_thread(model: &mut Model) {
-    for t in model.pending() {
-        model.switch_thread(t);
-    }
 }

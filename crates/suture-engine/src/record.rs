@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use suture_model::Model;
 
 /// Version of the record layout; a record of another version is refused.
-pub const RECORD_VERSION: u32 = 1;
+pub const RECORD_VERSION: u32 = 2;
 
 /// A range of target memory suture mapped.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,6 +100,60 @@ pub struct PatchMemory {
     pub text: Region,
     /// The patch file it was loaded from.
     pub file: String,
+    /// Each new function's code, `[start, end)`: what a thread must have
+    /// left before a transition that replaces it can switch the thread.
+    #[serde(default)]
+    pub funcs: Vec<(u64, u64)>,
+    /// The image's `.eh_frame` (address, length), for the unwinder.
+    #[serde(default)]
+    pub eh_frame: Option<(u64, u64)>,
+}
+
+/// The engine's side of a transition in progress (the model holds the
+/// patch, the target and each thread's state).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransitionRecord {
+    /// The pending table the dispatch stubs read (see `suture_x86::dispatch`).
+    pub table: Region,
+    pub bits: u32,
+    /// Thread pointer (`fs_base`) of every thread the model tracks.
+    pub tps: BTreeMap<i32, u64>,
+    /// Dispatch stub per site in transition: function address -> stub.
+    pub stubs: BTreeMap<u64, StubRecord>,
+    /// The worker process retrying the transition, if one was started.
+    pub worker: Option<WorkerRecord>,
+    /// Why each pending thread waits, as of its last check.
+    pub blockers: BTreeMap<i32, Blocker>,
+    /// Seconds since the epoch when the transition started.
+    pub started: u64,
+}
+
+/// A dispatch stub written for a site: enough to regenerate it exactly.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StubRecord {
+    pub addr: u64,
+    pub target: u64,
+    pub initial: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerRecord {
+    pub pid: i32,
+    /// Its start time (/proc/PID/stat), so a reused pid is not mistaken.
+    pub start_time: u64,
+    /// The target it works on: a child forked by the target inherits this
+    /// record but not the worker.
+    pub target: i32,
+}
+
+/// Why a thread is still pending.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Blocker {
+    /// One sentence: the replaced function it is in, or why its stack
+    /// could not be read reliably.
+    pub reason: String,
+    /// Its frames' program counters, innermost first.
+    pub frames: Vec<u64>,
 }
 
 /// The whole record.
@@ -117,6 +171,13 @@ pub struct Record {
     pub retired: Vec<PatchMemory>,
     /// Memory of patches involved in a forced transition: never freed.
     pub kept_forced: Vec<PatchMemory>,
+    /// Other memory (pending tables of finished transitions) kept until no
+    /// thread can still be using it.
+    #[serde(default)]
+    pub retired_regions: Vec<Region>,
+    /// The transition in progress, if any.
+    #[serde(default)]
+    pub transition: Option<TransitionRecord>,
 }
 
 impl Record {

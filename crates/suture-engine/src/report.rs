@@ -48,15 +48,52 @@ pub struct StateStatus {
 #[derive(Debug, Serialize)]
 pub struct TransitionStatus {
     pub patch: String,
+    /// "patched" (enabling) or "unpatched" (disabling).
     pub target: String,
+    /// The transition was reversed (its patch was disabled during it).
+    pub reversed: bool,
+    /// Threads the transition tracks, and how many reached the target.
+    pub threads: usize,
+    pub switched: usize,
     pub pending: Vec<PendingThread>,
+    /// Each tracked thread's patch state ("patched" / "unpatched").
+    pub thread_states: Vec<ThreadStatus>,
+    /// Live threads the transition has not looked at yet (created since
+    /// its last pass, or the threads of a child forked during it).
+    pub unexamined: Vec<i32>,
+    /// The worker retrying the transition, if one is running.
+    pub worker: Option<i32>,
+    /// Seconds since the epoch when it started.
+    pub started: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ThreadStatus {
+    pub tid: i32,
+    pub state: String,
 }
 
 #[derive(Debug, Serialize)]
 pub struct PendingThread {
     pub tid: i32,
     pub name: String,
-    pub frames: Vec<String>,
+    /// Why it waits: the replaced function it is in, or why its stack
+    /// could not be read reliably (empty if not checked yet).
+    pub reason: String,
+    /// Its stack as of its last check, innermost first.
+    pub frames: Vec<FrameStatus>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FrameStatus {
+    pub address: String,
+    /// Function (or suture code) the address lies in, if known.
+    pub function: Option<String>,
+    pub offset: Option<u64>,
+    /// Object file or patch it belongs to.
+    pub object: Option<String>,
+    pub file: Option<String>,
+    pub line: Option<u32>,
 }
 
 /// One patched function as the site sees it.
@@ -156,18 +193,54 @@ impl StatusReport {
         StatusReport {
             pid,
             patches,
-            transition: transition.map(|t| TransitionStatus {
-                patch: t.patch.clone(),
-                target: format!("{:?}", t.target).to_lowercase(),
-                pending: t
+            transition: transition.map(|t| {
+                let tr = rec.transition.as_ref();
+                let pending: Vec<PendingThread> = t
                     .pending
                     .iter()
-                    .map(|tid| PendingThread {
-                        tid: *tid,
-                        name: String::new(),
-                        frames: vec![],
+                    .map(|tid| {
+                        let b = tr.and_then(|x| x.blockers.get(tid));
+                        PendingThread {
+                            tid: *tid,
+                            name: String::new(),
+                            reason: b.map(|b| b.reason.clone()).unwrap_or_default(),
+                            frames: b
+                                .map(|b| {
+                                    b.frames
+                                        .iter()
+                                        .map(|pc| FrameStatus {
+                                            address: hex(*pc),
+                                            function: None,
+                                            offset: None,
+                                            object: None,
+                                            file: None,
+                                            line: None,
+                                        })
+                                        .collect()
+                                })
+                                .unwrap_or_default(),
+                        }
                     })
-                    .collect(),
+                    .collect();
+                let thread_states: Vec<ThreadStatus> = m
+                    .threads()
+                    .map(|(tid, st)| ThreadStatus {
+                        tid,
+                        state: format!("{st:?}").to_lowercase(),
+                    })
+                    .collect();
+                TransitionStatus {
+                    patch: t.patch.clone(),
+                    target: format!("{:?}", t.target).to_lowercase(),
+                    reversed: t.reversed,
+                    threads: thread_states.len(),
+                    switched: thread_states.len().saturating_sub(pending.len()),
+                    pending,
+                    thread_states,
+                    unexamined: vec![],
+                    worker: tr.and_then(|x| x.worker.as_ref()).map(|w| w.pid),
+                    started: tr.map(|x| x.started).unwrap_or(0),
+                }
             }),
             sites,
         }
@@ -192,19 +265,38 @@ pub struct ApplyReport {
     pub image: String,
     pub image_size: u64,
     pub funcs: Vec<FuncChange>,
-    /// Patches the new one replaced (atomic replace).
+    /// Patches the new one replaced (atomic replace), once complete.
     pub replaced: Vec<String>,
+    /// Threads still pending after the command's own pass (0: the
+    /// transition is complete).
+    pub pending: usize,
 }
 
 #[derive(Debug, Serialize)]
 pub struct DisableReport {
     pub pid: i32,
     pub patch: String,
+    /// The patch was in transition: its enable is being reversed.
+    pub reversed: bool,
+    /// Threads still pending (0: the transition is complete).
+    pub pending: usize,
     /// Functions whose original bytes are back.
     pub restored: Vec<String>,
     /// Memory released now, and memory kept because a thread may still use it.
     pub freed_bytes: u64,
     pub deferred_bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ForceReport {
+    pub pid: i32,
+    /// The patch whose transition was forced, and its target.
+    pub patch: String,
+    pub target: String,
+    /// Threads switched without a check.
+    pub switched: Vec<i32>,
+    /// Patches now marked forced (their code is never freed).
+    pub forced: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]

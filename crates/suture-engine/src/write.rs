@@ -51,9 +51,33 @@ pub fn write_code(
     if writes.is_empty() && unused.is_empty() {
         return Ok(WriteOutcome { free: vec![] });
     }
+    write_code_with(proc, &mut |_| Ok(Some(writes.to_vec())), unused)
+        .map(|o| o.expect("never declined"))
+}
+
+/// Like [`write_code`], but the writes are computed while every thread is
+/// held, from what the stop shows (each thread's registers, e.g. its
+/// thread pointer). `make` may decline (`None`): every thread is resumed
+/// and nothing is written. It may run more than once (once per attempt).
+pub fn write_code_with(
+    proc: &Process,
+    make: &mut dyn FnMut(&StoppedProcess<'_>) -> Result<Option<Vec<CodeWrite>>, Error>,
+    unused: &[Region],
+) -> Result<Option<WriteOutcome>, Error> {
     let mut last_blocker = None;
     for attempt in 0..ATTEMPTS {
         let stopped = proc.stop_all(STOP_TIMEOUT)?;
+        let writes = match make(&stopped) {
+            Ok(Some(w)) => w,
+            Ok(None) => {
+                stopped.resume()?;
+                return Ok(None);
+            }
+            Err(e) => {
+                stopped.resume()?;
+                return Err(e);
+            }
+        };
         let blocker = stopped.pcs().into_iter().find_map(|(tid, pc)| {
             writes
                 .iter()
@@ -75,7 +99,7 @@ pub fn write_code(
         };
         let mut done = 0;
         let mut failure = None;
-        for w in writes {
+        for w in &writes {
             if let Err(e) = proc.write_mem(w.addr, &w.bytes) {
                 failure = Some(e);
                 break;
@@ -91,7 +115,7 @@ pub fn write_code(
             return Err(e.into());
         }
         stopped.resume()?;
-        return Ok(WriteOutcome { free });
+        return Ok(Some(WriteOutcome { free }));
     }
     let (tid, pc, addr) = last_blocker.expect("loop ran");
     Err(Error::SiteBusy(format!(

@@ -418,6 +418,16 @@ impl Model {
         }
     }
 
+    /// A thread found still running the code of the transition's start
+    /// state (e.g. a new thread that reuses the thread pointer of a pending
+    /// one, so the dispatch code treats it as pending): it is pending too.
+    pub fn add_pending_thread(&mut self, tid: ThreadId) {
+        if let Some(t) = self.transition.as_mut() {
+            t.pending.insert(tid);
+            self.threads.insert(tid, t.target.flipped().thread_state());
+        }
+    }
+
     /// A thread that exited is no longer waited for.
     pub fn remove_thread(&mut self, tid: ThreadId) {
         self.threads.remove(&tid);

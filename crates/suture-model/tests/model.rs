@@ -263,6 +263,7 @@ enum Op {
     Complete,
     Force,
     NewThread(i32),
+    NewPendingThread(i32),
     ExitThread(i32),
 }
 
@@ -275,6 +276,7 @@ fn op() -> impl Strategy<Value = Op> {
         Just(Op::Complete),
         Just(Op::Force),
         (1i32..7).prop_map(Op::NewThread),
+        (1i32..7).prop_map(Op::NewPendingThread),
         (1i32..7).prop_map(Op::ExitThread),
     ]
 }
@@ -352,6 +354,15 @@ proptest! {
                 }
                 Op::NewThread(t) => {
                     if threads.insert(t) { m.add_thread(t); }
+                }
+                Op::NewPendingThread(t) => {
+                    if threads.insert(t) {
+                        m.add_pending_thread(t);
+                        if let Some(tr) = m.transition() {
+                            prop_assert!(tr.pending.contains(&t));
+                            prop_assert_eq!(m.thread_state(t), tr.target.flipped().thread_state());
+                        }
+                    }
                 }
                 Op::ExitThread(t) => {
                     if threads.remove(&t) { m.remove_thread(t); }

@@ -8,6 +8,8 @@
 //!   of the process keeps running.
 //! * [`StoppedProcess`]: every thread of the target held in a ptrace-stop,
 //!   for the short moment of a code write.
+//! * [`Tracer`]: single threads traced for a long time (the transition
+//!   worker): stopped one at a time, caught at system-call entries.
 //!
 //! The guiding rule is *never harm the target*: every failure path restores
 //! registers, resumes and detaches; every wait is bounded; no signal is lost
@@ -15,8 +17,9 @@
 //! `PTRACE_SEIZE` + `PTRACE_INTERRUPT`, never `SIGSTOP`), and we never set
 //! `PTRACE_O_EXITKILL`, so the target survives us dying.
 //!
-//! ptrace binds a tracee to the *thread* that attached it, so [`Hijack`] and
-//! [`StoppedProcess`] are `!Send`: create, use and drop them on one thread.
+//! ptrace binds a tracee to the *thread* that attached it, so [`Hijack`],
+//! [`StoppedProcess`] and [`Tracer`] are `!Send`: create, use and drop them
+//! on one thread.
 //! Nothing else in the tracer process may call `waitpid(-1, ...)` with
 //! `__WALL` while they exist (it could consume their stop reports).
 
@@ -31,6 +34,7 @@ mod hijack;
 mod procfs;
 mod stop;
 mod sys;
+mod tracer;
 
 pub use gap::{
     find_gap_near, HEAP_RESERVE, MMAP_MIN_ADDR, PAGE_SIZE, REL32_MARGIN, REL32_REACH, STACK_GUARD,
@@ -39,6 +43,7 @@ pub use gap::{
 pub use hijack::{Hijack, DEFAULT_SYSCALL_TIMEOUT};
 pub use nix::errno::Errno;
 pub use stop::StoppedProcess;
+pub use tracer::{Resume, TraceEvent, Tracer};
 
 /// A thread id (what `gettid` returns; the main thread's equals the pid).
 pub type Tid = i32;

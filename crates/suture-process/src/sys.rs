@@ -34,6 +34,21 @@ pub(crate) enum Report {
     PtraceEvent(i32),
 }
 
+/// `WSTOPSIG` of a system-call stop of a thread seized with
+/// `PTRACE_O_TRACESYSGOOD` (decoded as [`Report::Signal`], but no signal:
+/// never pass it on).
+pub(crate) const SYSCALL_STOP: i32 = libc::SIGTRAP | 0x80;
+
+/// The signal to pass on when leaving a stop reported as
+/// `Report::Signal(sig)`: `sig`, or none for a system-call stop.
+fn deliverable(sig: i32) -> i32 {
+    if sig == SYSCALL_STOP {
+        0
+    } else {
+        sig
+    }
+}
+
 /// Decodes a raw wait status of a traced thread.
 pub(crate) fn decode_status(status: i32) -> Report {
     if libc::WIFSTOPPED(status) {
@@ -115,8 +130,9 @@ fn pid(tid: Tid) -> Pid {
 /// Raw ptrace request taking an integer `data` (a signal number, an option
 /// mask, ...) and no address.
 fn request(req: libc::c_uint, tid: Tid, data: usize) -> nix::Result<()> {
-    // SAFETY: the requests passed here (CONT, SINGLESTEP, DETACH) read no
-    // memory of ours: `addr` is ignored and `data` is a plain integer.
+    // SAFETY: the requests passed here (CONT, SYSCALL, SINGLESTEP, LISTEN,
+    // DETACH) read no memory of ours: `addr` is ignored and `data` is a
+    // plain integer.
     let r = unsafe {
         libc::ptrace(
             req,
@@ -138,6 +154,13 @@ pub(crate) fn seize(tid: Tid, trace_clone: bool) -> nix::Result<()> {
     ptrace::seize(pid(tid), opts)
 }
 
+/// Seizes with `PTRACE_O_TRACESYSGOOD` only: system-call stops are then
+/// told apart from a real `SIGTRAP` ([`SYSCALL_STOP`]); threads the tracee
+/// creates stay untraced.
+pub(crate) fn seize_tracesysgood(tid: Tid) -> nix::Result<()> {
+    ptrace::seize(pid(tid), ptrace::Options::PTRACE_O_TRACESYSGOOD)
+}
+
 pub(crate) fn interrupt(tid: Tid) -> nix::Result<()> {
     ptrace::interrupt(pid(tid))
 }
@@ -145,6 +168,19 @@ pub(crate) fn interrupt(tid: Tid) -> nix::Result<()> {
 /// Resume, delivering `sig` (0 for none) if the thread is in a signal-delivery-stop.
 pub(crate) fn cont(tid: Tid, sig: i32) -> nix::Result<()> {
     request(libc::PTRACE_CONT, tid, sig as usize)
+}
+
+/// Resume until the next system-call entry or exit (`PTRACE_SYSCALL`),
+/// delivering `sig` (0 for none) if the thread is in a signal-delivery-stop.
+pub(crate) fn syscall(tid: Tid, sig: i32) -> nix::Result<()> {
+    request(libc::PTRACE_SYSCALL, tid, sig as usize)
+}
+
+/// `PTRACE_LISTEN`: leave a group-stop's `PTRACE_EVENT_STOP` without running;
+/// the thread reports again when the group-stop ends (`SIGCONT`) or is
+/// interrupted.
+pub(crate) fn listen(tid: Tid) -> nix::Result<()> {
+    request(libc::PTRACE_LISTEN, tid, 0)
 }
 
 /// Execute one instruction, delivering `sig` (0 for none) first if in a signal-delivery-stop.
@@ -171,6 +207,29 @@ pub(crate) fn getsiginfo(tid: Tid) -> nix::Result<libc::siginfo_t> {
 
 pub(crate) fn setsiginfo(tid: Tid, info: &libc::siginfo_t) -> nix::Result<()> {
     ptrace::setsiginfo(pid(tid), info)
+}
+
+/// Whether a thread in a system-call stop ([`SYSCALL_STOP`]) is at the entry
+/// of the call (else at its exit).
+pub(crate) fn at_syscall_entry(tid: Tid) -> nix::Result<bool> {
+    // SAFETY: ptrace_syscall_info is plain integers; all zeroes is valid.
+    let mut info: libc::ptrace_syscall_info = unsafe { std::mem::zeroed() };
+    // SAFETY: PTRACE_GET_SYSCALL_INFO writes at most `addr` (= the size of
+    // our struct) bytes to `data`, which points to it.
+    let r = unsafe {
+        libc::ptrace(
+            libc::PTRACE_GET_SYSCALL_INFO,
+            tid,
+            std::mem::size_of::<libc::ptrace_syscall_info>() as *mut libc::c_void,
+            &mut info as *mut libc::ptrace_syscall_info as *mut libc::c_void,
+        )
+    };
+    match Errno::result(r) {
+        Ok(_) => Ok(info.op == libc::PTRACE_SYSCALL_INFO_ENTRY),
+        // Before Linux 5.3: at the entry the kernel has set rax to -ENOSYS.
+        Err(Errno::EIO) => Ok(getregs(tid)?.rax as i64 == -(libc::ENOSYS as i64)),
+        Err(e) => Err(e),
+    }
 }
 
 /// `PTRACE_GETEVENTMSG`, e.g. the new thread id at a `PTRACE_EVENT_CLONE` stop.
@@ -348,7 +407,7 @@ pub(crate) fn reap(tid: Tid, limit: Duration) -> bool {
             Some(Report::Gone) => return true,
             // A stop: it is alive after all; detach it.
             Some(Report::Signal(sig)) => {
-                if detach(tid, sig).is_ok() {
+                if detach(tid, deliverable(sig)).is_ok() {
                     return true;
                 }
             }
@@ -398,7 +457,9 @@ pub(crate) fn release_abandoned(wait: Duration) -> usize {
                 Some(Report::Gone) => false,
                 // Never lose a signal: a signal-delivery-stop's signal goes
                 // along with the detach.
-                Some(Report::Signal(sig)) => detach(tid, sig).is_err() && !reap_quick(tid),
+                Some(Report::Signal(sig)) => {
+                    detach(tid, deliverable(sig)).is_err() && !reap_quick(tid)
+                }
                 Some(_) => detach(tid, 0).is_err() && !reap_quick(tid),
             });
             a.len()
@@ -442,5 +503,12 @@ mod tests {
         );
         // real-time signal
         assert_eq!(decode_status(0x7f | (34 << 8)), Report::Signal(34));
+        // system-call stop under PTRACE_O_TRACESYSGOOD: never a signal to pass on
+        assert_eq!(
+            decode_status(0x7f | (SYSCALL_STOP << 8)),
+            Report::Signal(SYSCALL_STOP)
+        );
+        assert_eq!(deliverable(SYSCALL_STOP), 0);
+        assert_eq!(deliverable(libc::SIGTRAP), libc::SIGTRAP);
     }
 }

@@ -31,7 +31,13 @@ use iced_x86::{
     Instruction, InstructionBlock, Mnemonic,
 };
 
+pub mod dispatch;
 mod tables;
+
+pub use dispatch::{
+    dispatch_stub, table_contains, table_find, table_index, table_insert, table_remove,
+    DispatchError, DispatchParams, DispatchStub, DISPATCH_MAX_LEN, TOMBSTONE_BIT,
+};
 
 /// Length of a `jmp rel32` instruction.
 pub const JMP_REL32_LEN: usize = 5;

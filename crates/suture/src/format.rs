@@ -3,7 +3,7 @@
 use anyhow::Result;
 use serde::Serialize;
 use std::fmt::Write;
-use suture_engine::report::{CheckReport, DisableReport};
+use suture_engine::report::{CheckReport, DisableReport, ForceReport, FrameStatus};
 use suture_engine::{ApplyReport, ProcessEntry, StatusReport};
 
 /// Print `r` as JSON or through its text formatter.
@@ -53,6 +53,12 @@ pub fn apply(r: &ApplyReport) -> String {
 }
 
 pub fn disable(r: &DisableReport) -> String {
+    if r.reversed {
+        return format!(
+            "reversing the transition of patch '{}' in process {}: threads already back count as done\n",
+            r.patch, r.pid
+        );
+    }
     let mut s = format!("disabled patch '{}' in process {}", r.patch, r.pid);
     if !r.restored.is_empty() {
         let _ = write!(s, "; original code restored: {}", r.restored.join(", "));
@@ -119,22 +125,78 @@ pub fn status(r: &StatusReport) -> String {
         Some(t) => {
             let _ = writeln!(
                 s,
-                "  transition: '{}' to {}, {} thread(s) pending",
+                "  transition: '{}' to {}{}: {}/{} thread(s) switched, {} pending",
                 t.patch,
                 t.target,
+                if t.reversed { " (reversed)" } else { "" },
+                t.switched,
+                t.threads,
                 t.pending.len()
             );
-            for p in &t.pending {
+            match t.worker {
+                Some(w) => {
+                    let _ = writeln!(s, "    worker: pid {w}, retrying every second");
+                }
+                None => {
+                    let _ = writeln!(
+                        s,
+                        "    worker: none running (`suture wait {}` starts one)",
+                        r.pid
+                    );
+                }
+            }
+            s.push_str(&crate::transition::pending_text(&t.pending));
+            if !t.unexamined.is_empty() {
                 let _ = writeln!(
                     s,
-                    "    thread {} ({}) {}",
-                    p.tid,
-                    p.name,
-                    p.frames.first().map(String::as_str).unwrap_or("")
+                    "    not examined yet: {}",
+                    t.unexamined
+                        .iter()
+                        .map(|t| t.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 );
+            }
+            for th in &t.thread_states {
+                let _ = writeln!(s, "    thread {}: {}", th.tid, th.state);
             }
         }
     }
+    s
+}
+
+/// One stack frame: `function+0xoff (file:line) [object]`.
+pub fn frame(f: &FrameStatus) -> String {
+    let mut s = match (&f.function, f.offset) {
+        (Some(n), Some(o)) => format!("{n}+{o:#x}"),
+        (Some(n), None) => n.clone(),
+        _ => f.address.clone(),
+    };
+    if let (Some(file), Some(line)) = (&f.file, f.line) {
+        let _ = write!(s, " ({file}:{line})");
+    }
+    if let Some(o) = &f.object {
+        let _ = write!(s, " [{o}]");
+    }
+    if f.function.is_some() {
+        let _ = write!(s, " at {}", f.address);
+    }
+    s
+}
+
+pub fn force(r: &ForceReport) -> String {
+    let mut s = format!(
+        "forced the transition of patch '{}' in process {} to {}: {} thread(s) switched without a stack check\n",
+        r.patch,
+        r.pid,
+        r.target,
+        r.switched.len()
+    );
+    let _ = writeln!(
+        s,
+        "  WARNING: consistency was overridden; patches marked forced (their code is never freed): {}",
+        r.forced.join(", ")
+    );
     s
 }
 

@@ -3,6 +3,7 @@
 mod build;
 mod demo;
 mod format;
+mod transition;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -18,6 +19,18 @@ struct Cli {
     command: Command,
 }
 
+/// How apply and disable wait for their transition.
+#[derive(clap::Args, Clone, Copy)]
+struct WaitArgs {
+    /// Return as soon as the transition has started; a worker completes it.
+    #[arg(long)]
+    no_wait: bool,
+    /// Give up waiting after SECS seconds (exit status 3; the transition
+    /// goes on).
+    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    timeout: f64,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Load a patch into a running process and enable it.
@@ -26,19 +39,41 @@ enum Command {
         pid: i32,
         /// Patch file (a relocatable object from `suture build`).
         patch: PathBuf,
+        #[command(flatten)]
+        wait: WaitArgs,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
-    /// Disable a patch and unload it.
+    /// Disable a patch and unload it; on the patch in transition, reverse it.
     Disable {
         pid: i32,
         /// Name of the patch (as `suture status` shows it).
         name: String,
+        #[command(flatten)]
+        wait: WaitArgs,
         #[arg(long)]
         json: bool,
     },
-    /// Show the patches of a process: patches, objects, functions, sites.
+    /// Complete the transition in progress now, switching every pending
+    /// thread without checking its stack (overrides consistency).
+    Force {
+        pid: i32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Wait for the transition in progress to complete (starting a new
+    /// worker for it if none runs).
+    Wait {
+        pid: i32,
+        /// Give up after SECS seconds (exit status 3).
+        #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+        timeout: f64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the patches of a process: patches, objects, functions, sites,
+    /// and the transition in progress with the threads it waits for.
     Status {
         pid: i32,
         #[arg(long)]
@@ -69,18 +104,49 @@ enum Command {
     },
     /// Run the bundled demo: start a service, patch it live, unpatch it.
     Demo,
+    /// Internal: the worker that completes a transition in the background.
+    #[command(name = "__worker", hide = true)]
+    Worker { pid: i32 },
 }
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Apply { pid, patch, json } => {
+        Command::Apply {
+            pid,
+            patch,
+            wait,
+            json,
+        } => {
             let r = suture_engine::apply(pid, &patch)?;
-            format::print(json, &r, format::apply)
+            let name = r.patch.clone();
+            let pending = r.pending;
+            transition::finish_command(pid, &name, pending, wait, json, r, format::apply, true)
         }
-        Command::Disable { pid, name, json } => {
+        Command::Disable {
+            pid,
+            name,
+            wait,
+            json,
+        } => {
             let r = suture_engine::disable(pid, &name)?;
-            format::print(json, &r, format::disable)
+            let pending = r.pending;
+            let present_ok = r.reversed;
+            transition::finish_command(
+                pid,
+                &name,
+                pending,
+                wait,
+                json,
+                r,
+                format::disable,
+                present_ok,
+            )
         }
+        Command::Force { pid, json } => {
+            let r = suture_engine::force(pid)?;
+            format::print(json, &r, format::force)
+        }
+        Command::Wait { pid, timeout, json } => transition::wait_command(pid, timeout, json),
         Command::Status { pid, json } => {
             let r = suture_engine::status(pid)?;
             format::print(json, &r, format::status)
@@ -99,6 +165,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Demo => demo::run(),
+        Command::Worker { pid } => Ok(suture_engine::worker::run(pid)?),
     }
 }
 
@@ -108,7 +175,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("suture: {e:#}");
-            ExitCode::from(1)
+            match e.downcast_ref::<transition::TimedOut>() {
+                Some(_) => ExitCode::from(3),
+                None => ExitCode::from(1),
+            }
         }
     }
 }

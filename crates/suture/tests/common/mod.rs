@@ -105,6 +105,10 @@ fn build_all(src: &Path, out: &Path) {
         .arg(o("libfixture.so"))
         .arg(s("lib.c")));
     run(cc().args(["-O2", "-o"]).arg(o("tiny")).arg(s("tiny.c")));
+    run(cc()
+        .args(["-O2", "-g", "-pthread", "-o"])
+        .arg(o("consist"))
+        .arg(s("consist.c")));
     for p in [
         "patch_static",
         "patch_global",
@@ -116,6 +120,9 @@ fn build_all(src: &Path, out: &Path) {
         "patch_buildid",
         "patch_ifunc",
         "patch_alias",
+        "patch_reader",
+        "patch_reader2",
+        "patch_ab",
     ] {
         run(Command::new(SUTURE)
             .arg("build")
@@ -190,7 +197,7 @@ impl Target {
         Target::start(bin, &[lib.to_str().unwrap()])
     }
 
-    fn ask(&mut self, cmd: &str) -> String {
+    pub fn ask(&mut self, cmd: &str) -> String {
         writeln!(self.stdin, "{cmd}").unwrap();
         self.stdin.flush().unwrap();
         let mut line = String::new();

@@ -1,0 +1,500 @@
+//! Transitions thread by thread (kernel: `transition.c`).
+//!
+//! While a patch is in transition, each of its sites jumps to a dispatch
+//! stub (`suture_x86::dispatch`) that looks the calling thread's pointer up
+//! in the *pending table*: pending threads run the code of the start state,
+//! every other thread the target's. The table is filled with every thread
+//! in the same whole-process stop that makes the sites jump to the stubs,
+//! so no thread ever sees an entry in transition without its own state
+//! (the model's order: thread states first, then the entries).
+//!
+//! A thread switches when one look at its stack (stopped alone, unwound by
+//! [`Checker`]) shows no frame in replaced code: its table entry is turned
+//! into a tombstone (a one-byte write) and the model is told. The table is
+//! the truth for what each thread executes; the record follows it, so a
+//! command killed between the two is repaired by [`Driver::reconcile`].
+//!
+//! Pending threads pass through a trap (a `getpid` system call in the stub)
+//! each time they call a function in transition; the worker, tracing them
+//! with `PTRACE_SYSCALL`, checks them right there, so a thread that left
+//! the old code is switched at its next call instead of re-entering it.
+
+use crate::check::{regenerate_stub, Checker, Verdict};
+use crate::memory::{self, SLOT_DISPATCH};
+use crate::objects::Objects;
+use crate::record::{Record, Region, Site, StubRecord, TransitionRecord};
+use crate::write::{write_code_with, CodeWrite};
+use crate::Error;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+use suture_model::{Code, Model, SiteMode, Target};
+use suture_process::{Hijack, Process, Resume, Tracer};
+use suture_x86::dispatch::{table_insert, DISPATCH_MAX_LEN, TOMBSTONE_BIT};
+
+/// How long to wait for one thread to stop for its check.
+const THREAD_STOP: Duration = Duration::from_millis(500);
+
+/// Test-only: `SUTURE_TEST_IMMEDIATE=1` switches every thread at once
+/// without looking at stacks (the behaviour the consistency tests must be
+/// able to catch).
+pub fn immediate() -> bool {
+    std::env::var_os("SUTURE_TEST_IMMEDIATE").is_some_and(|v| v == "1")
+}
+
+/// Table size (log2) for about `threads` threads: at most half full even if
+/// the process doubles its threads meanwhile.
+pub fn table_bits(threads: usize) -> u32 {
+    let want = (threads.max(1) * 4).next_power_of_two();
+    want.trailing_zeros().clamp(8, 16)
+}
+
+/// Map a pending table for about `threads` threads.
+pub fn new_table(h: &mut Hijack<'_>, threads: usize) -> Result<(Region, u32), Error> {
+    let bits = table_bits(threads);
+    let len = memory::page_up(8u64 << bits);
+    let addr =
+        memory::create_named_mapping(h, memory::TABLE_NAME, len, None, memory::PROT_RW, false)?;
+    Ok((Region { addr, len }, bits))
+}
+
+/// The code a dispatch stub sends the target state's threads to, and the
+/// code pending threads still run: `(target, initial)` addresses.
+fn stub_targets(mode: SiteMode, target: Target, slot: u64) -> Option<(u64, u64)> {
+    let addr = |c: Code| match c {
+        Code::Original => slot,
+        Code::New(a) => a,
+    };
+    match mode {
+        SiteMode::Dispatch { patched, unpatched } => Some(match target {
+            Target::Patched => (addr(patched), addr(unpatched)),
+            Target::Unpatched => (addr(unpatched), addr(patched)),
+        }),
+        _ => None,
+    }
+}
+
+/// A local copy of the pending table.
+#[derive(Clone, Debug)]
+pub struct Mirror {
+    pub slots: Vec<u64>,
+    pub bits: u32,
+}
+
+impl Mirror {
+    pub fn empty(bits: u32) -> Mirror {
+        Mirror {
+            slots: vec![0; 1 << bits],
+            bits,
+        }
+    }
+
+    pub fn read(proc: &Process, t: &TransitionRecord) -> Result<Mirror, Error> {
+        let bytes = proc.read_mem(t.table.addr, 8 << t.bits)?;
+        Ok(Mirror {
+            slots: bytes
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            bits: t.bits,
+        })
+    }
+
+    pub fn index_of(&self, tp: u64) -> Option<usize> {
+        let mask = self.slots.len() - 1;
+        let mut i = suture_x86::dispatch::table_index(tp, self.bits);
+        for _ in 0..self.slots.len() {
+            match self.slots[i] {
+                0 => return None,
+                v if v == tp => return Some(i),
+                _ => i = (i + 1) & mask,
+            }
+        }
+        None
+    }
+
+    pub fn contains(&self, tp: u64) -> bool {
+        self.index_of(tp).is_some()
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        self.slots.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+}
+
+/// One thread as a whole-process stop saw it.
+#[derive(Clone, Copy, Debug)]
+pub struct Seen {
+    pub tid: i32,
+    pub tp: u64,
+    pub pending: bool,
+}
+
+/// Make the model agree with what the table says each thread runs.
+fn sync_model(model: &mut Model, seen: &[Seen]) {
+    let live: BTreeSet<i32> = seen.iter().map(|s| s.tid).collect();
+    let known: Vec<i32> = model.threads().map(|(t, _)| t).collect();
+    for t in known {
+        if !live.contains(&t) {
+            model.remove_thread(t);
+        }
+    }
+    let pending: BTreeSet<i32> = model.pending().into_iter().collect();
+    for s in seen {
+        match (s.pending, pending.contains(&s.tid)) {
+            (true, false) => model.add_pending_thread(s.tid),
+            (false, true) => {
+                model.switch_thread(s.tid);
+            }
+            (false, false) => model.add_thread(s.tid),
+            (true, true) => {}
+        }
+    }
+}
+
+/// Begin (or reverse) the model's transition in the process: in one stop,
+/// write the pending table (a thread is pending when `pending(tp)` says so,
+/// given its thread pointer), the dispatch stubs and the site jumps, then
+/// make the model agree with the table. `site_writes` gives the jumps for
+/// the site modes of `model`. On return `rec.transition` describes it.
+pub fn begin(
+    proc: &Process,
+    rec: &mut Record,
+    model: &mut Model,
+    table: (Region, u32),
+    site_writes: &dyn Fn(
+        &BTreeMap<u64, Site>,
+    ) -> Result<(Vec<CodeWrite>, BTreeMap<u64, Site>), Error>,
+    pending: &dyn Fn(u64) -> bool,
+    started: u64,
+) -> Result<(), Error> {
+    let target = model
+        .transition()
+        .ok_or(suture_model::ModelError::NoTransition)?
+        .target;
+    let (region, bits) = table;
+    let mut stubs = BTreeMap::new();
+    let mut stub_writes = Vec::new();
+    for (addr, mode) in model.site_modes() {
+        let Some(site) = rec.sites.get(&addr) else {
+            return Err(Error::CorruptState(format!(
+                "no site recorded for {addr:#x}"
+            )));
+        };
+        let Some((t, i)) = stub_targets(mode, target, site.slot) else {
+            continue;
+        };
+        let s = StubRecord {
+            addr: site.slot + SLOT_DISPATCH,
+            target: t,
+            initial: i,
+        };
+        let stub = regenerate_stub(region.addr, bits, &s)?;
+        stub_writes.push(CodeWrite {
+            addr: s.addr,
+            old: proc.read_mem(s.addr, stub.bytes.len())?,
+            bytes: stub.bytes,
+            guard_len: DISPATCH_MAX_LEN as u64,
+        });
+        stubs.insert(addr, s);
+    }
+    let (jumps, sites) = site_writes(&rec.sites)?;
+    let old_table = proc.read_mem(region.addr, 8 << bits)?;
+    let mut seen: Vec<Seen> = Vec::new();
+    let mut make = |stopped: &suture_process::StoppedProcess<'_>| {
+        seen.clear();
+        let mut mirror = Mirror::empty(bits);
+        for tid in stopped.threads() {
+            let Some(regs) = stopped.regs(tid) else {
+                continue;
+            };
+            check_thread_pointer(proc, tid, regs.fs_base)?;
+            let p = pending(regs.fs_base);
+            if p && !table_insert(&mut mirror.slots, bits, regs.fs_base) {
+                return Err(Error::Other(format!(
+                    "the process has more threads than suture's table holds ({})",
+                    1u64 << (bits - 1)
+                )));
+            }
+            seen.push(Seen {
+                tid,
+                tp: regs.fs_base,
+                pending: p,
+            });
+        }
+        let mut writes = vec![CodeWrite {
+            addr: region.addr,
+            bytes: mirror.bytes(),
+            old: old_table.clone(),
+            guard_len: 0,
+        }];
+        writes.extend(stub_writes.iter().cloned());
+        writes.extend(jumps.iter().cloned());
+        Ok(Some(writes))
+    };
+    write_code_with(proc, &mut make, &[])?;
+    sync_model(model, &seen);
+    rec.sites = sites;
+    rec.transition = Some(TransitionRecord {
+        table: region,
+        bits,
+        tps: seen.iter().map(|s| (s.tid, s.tp)).collect(),
+        stubs,
+        worker: None,
+        blockers: BTreeMap::new(),
+        started,
+    });
+    Ok(())
+}
+
+/// The dispatch stub reads `fs:0`, which the x86_64 TLS ABI (glibc, musl)
+/// defines as the thread pointer itself; a thread without one (or a runtime
+/// that uses `fs` otherwise) cannot be told apart, so it is refused.
+fn check_thread_pointer(proc: &Process, tid: i32, fs_base: u64) -> Result<(), Error> {
+    let ok = fs_base != 0
+        && proc
+            .read_mem(fs_base, 8)
+            .is_ok_and(|b| u64::from_le_bytes(b.try_into().unwrap()) == fs_base);
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Other(format!(
+            "thread {tid} has no standard thread pointer (fs base {fs_base:#x} does not point to itself), which suture's per-thread dispatch needs; this process cannot be patched with transitions"
+        )))
+    }
+}
+
+/// Drives a transition: checks threads, switches them, reconciles the
+/// model with the threads that exist.
+pub struct Driver<'a> {
+    pub proc: &'a Process,
+    pub rec: &'a mut Record,
+    checker: Checker,
+    mirror: Mirror,
+    /// Whether the record changed since it was last saved.
+    pub dirty: bool,
+}
+
+impl<'a> Driver<'a> {
+    pub fn new(proc: &'a Process, rec: &'a mut Record) -> Result<Driver<'a>, Error> {
+        let t = rec.transition.as_ref().ok_or_else(|| {
+            Error::CorruptState("the record has a model transition but no pending table".into())
+        })?;
+        let mirror = Mirror::read(proc, t)?;
+        let objects = Objects::discover(proc, &proc.maps()?)?;
+        let checker = Checker::new(proc, &objects, rec)?;
+        Ok(Driver {
+            proc,
+            rec,
+            checker,
+            mirror,
+            dirty: false,
+        })
+    }
+
+    fn trans(&mut self) -> &mut TransitionRecord {
+        self.rec.transition.as_mut().expect("checked in new")
+    }
+
+    pub fn is_trap(&self, pc: u64) -> bool {
+        self.checker.is_trap(pc)
+    }
+
+    pub fn pending(&self) -> Vec<i32> {
+        self.rec.model.pending()
+    }
+
+    pub fn is_pending(&self, tid: i32) -> bool {
+        self.rec
+            .model
+            .transition()
+            .is_some_and(|t| t.pending.contains(&tid))
+    }
+
+    /// Turn a thread's table entry into a tombstone and tell the model.
+    fn switch(&mut self, tid: i32, tp: u64) -> Result<(), Error> {
+        if let Some(i) = self.mirror.index_of(tp) {
+            let addr = self.rec.transition.as_ref().expect("checked").table.addr + 8 * i as u64;
+            let low = (self.mirror.slots[i] as u8) | TOMBSTONE_BIT as u8;
+            self.proc.write_mem(addr, &[low])?;
+            self.mirror.slots[i] |= TOMBSTONE_BIT;
+        }
+        self.rec.model.switch_thread(tid);
+        let t = self.trans();
+        t.blockers.remove(&tid);
+        t.tps.insert(tid, tp);
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Check a pending thread held stopped with registers `regs`; switch it
+    /// when clean. True if it switched.
+    pub fn examine(&mut self, tid: i32, regs: &libc::user_regs_struct) -> Result<bool, Error> {
+        if !self.is_pending(tid) {
+            return Ok(true);
+        }
+        match self.checker.check(self.proc, regs) {
+            Verdict::Switch => {
+                self.switch(tid, regs.fs_base)?;
+                Ok(true)
+            }
+            Verdict::Wait(b) => {
+                let t = self.trans();
+                if t.blockers.get(&tid) != Some(&b) {
+                    t.blockers.insert(tid, b);
+                    self.dirty = true;
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    /// Make the model agree with the threads alive now: exited ones are
+    /// forgotten; a new one is stopped once to learn its thread pointer
+    /// (pending if the table holds it, else in the target state from its
+    /// first instruction) and, if pending, checked at once. New pending
+    /// threads stay traced when `keep` is set.
+    pub fn reconcile(&mut self, tracer: &mut Tracer<'_>, keep: bool) -> Result<(), Error> {
+        let live: BTreeSet<i32> = self.proc.threads()?.into_iter().collect();
+        let known: Vec<i32> = self.trans().tps.keys().copied().collect();
+        for tid in known {
+            if !live.contains(&tid) {
+                self.rec.model.remove_thread(tid);
+                let t = self.trans();
+                t.tps.remove(&tid);
+                t.blockers.remove(&tid);
+                self.dirty = true;
+            }
+        }
+        for tid in live {
+            if self.trans().tps.contains_key(&tid) {
+                continue;
+            }
+            let regs = match tracer.stop(tid, THREAD_STOP) {
+                Ok(r) => r,
+                Err(_) if !thread_alive(self.proc, tid) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            self.trans().tps.insert(tid, regs.fs_base);
+            self.dirty = true;
+            if self.mirror.contains(regs.fs_base) {
+                self.rec.model.add_pending_thread(tid);
+                let switched = self.examine(tid, &regs)?;
+                self.release(tracer, tid, switched, keep)?;
+            } else {
+                self.rec.model.add_thread(tid);
+                tracer.detach(tid)?;
+            }
+        }
+        // The table is the truth: a thread the record still calls pending
+        // whose entry is gone was switched by a command that was killed
+        // before it could save the record.
+        for tid in self.pending() {
+            let tp = self.trans().tps.get(&tid).copied();
+            if let Some(tp) = tp {
+                if !self.mirror.contains(tp) {
+                    self.rec.model.switch_thread(tid);
+                    self.trans().blockers.remove(&tid);
+                    self.dirty = true;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn release(
+        &mut self,
+        tracer: &mut Tracer<'_>,
+        tid: i32,
+        switched: bool,
+        keep: bool,
+    ) -> Result<(), Error> {
+        if switched || !keep {
+            tracer.detach(tid)?;
+        } else {
+            tracer.resume(tid, Resume::TraceSyscalls)?;
+        }
+        Ok(())
+    }
+
+    /// Stop and check every pending thread once, one at a time. Pending
+    /// threads stay traced (stopping at their system calls) when `keep`.
+    pub fn sweep(&mut self, tracer: &mut Tracer<'_>, keep: bool) -> Result<(), Error> {
+        for tid in self.pending() {
+            let regs = match tracer.stop(tid, THREAD_STOP) {
+                Ok(r) => r,
+                Err(_) if !thread_alive(self.proc, tid) => {
+                    self.rec.model.remove_thread(tid);
+                    let t = self.trans();
+                    t.tps.remove(&tid);
+                    t.blockers.remove(&tid);
+                    self.dirty = true;
+                    continue;
+                }
+                Err(e) => {
+                    // Not stoppable now (e.g. the process is stopped by a
+                    // signal): it stays pending, and says why.
+                    let t = self.trans();
+                    t.blockers.insert(
+                        tid,
+                        crate::record::Blocker {
+                            reason: format!("it could not be stopped for its check: {e}"),
+                            frames: vec![],
+                        },
+                    );
+                    self.dirty = true;
+                    continue;
+                }
+            };
+            let switched = self.examine(tid, &regs)?;
+            self.release(tracer, tid, switched, keep)?;
+        }
+        Ok(())
+    }
+
+    /// A traced pending thread stopped at a system-call entry: check it
+    /// (always at a dispatch trap, otherwise when `check` says so) and let
+    /// it go on.
+    pub fn on_syscall(
+        &mut self,
+        tracer: &mut Tracer<'_>,
+        tid: i32,
+        regs: &libc::user_regs_struct,
+        check: bool,
+    ) -> Result<(), Error> {
+        if !self.is_pending(tid) {
+            return Ok(tracer.detach(tid)?);
+        }
+        let switched = if check || self.is_trap(regs.rip) {
+            self.examine(tid, regs)?
+        } else {
+            false
+        };
+        self.release(tracer, tid, switched, true)
+    }
+
+    /// A thread the model tracked exited.
+    pub fn on_exit(&mut self, tid: i32) {
+        self.rec.model.remove_thread(tid);
+        let t = self.trans();
+        t.tps.remove(&tid);
+        t.blockers.remove(&tid);
+        self.dirty = true;
+    }
+
+    pub fn mirror(&self) -> &Mirror {
+        &self.mirror
+    }
+}
+
+/// Whether thread `tid` of the process still exists.
+pub fn thread_alive(proc: &Process, tid: i32) -> bool {
+    std::path::Path::new(&format!("/proc/{}/task/{tid}", proc.pid())).exists()
+}
+
+/// Switch every thread of the model at once (the test-only immediate mode
+/// and `force`).
+pub fn switch_every_thread(model: &mut Model) {
+    for t in model.pending() {
+        model.switch_thread(t);
+    }
+}
