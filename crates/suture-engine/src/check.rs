@@ -151,7 +151,13 @@ impl Checker {
 
     /// Check one stopped thread with registers `regs`.
     pub fn check(&self, proc: &Process, regs: &libc::user_regs_struct) -> Verdict {
-        let chunk = read_stack(proc, regs.rsp, STACK_CHUNK).ok();
+        // One read of the top of the stack serves nearly every unwind; near
+        // the end of the stack mapping, read only what it holds.
+        let chunk = proc
+            .read_mem(regs.rsp, STACK_CHUNK)
+            .map(|b| (regs.rsp, b))
+            .or_else(|_| read_stack(proc, regs.rsp, STACK_CHUNK))
+            .ok();
         let mut read = |addr: u64| -> Option<u64> {
             if let Some((start, bytes)) = &chunk {
                 if addr >= *start && addr + 8 <= start + bytes.len() as u64 {

@@ -104,6 +104,7 @@ pub(crate) fn read_record(proc: &Process) -> Result<Record, Error> {
 impl Session {
     pub(crate) fn open(pid: i32, intent: Intent<'_>) -> Result<Session, Error> {
         let proc = Process::open(pid)?;
+        proc.check_permission()?;
         let lock = match lock::try_lock(&proc)? {
             Some(l) => l,
             None => {
@@ -406,6 +407,8 @@ fn link(
 
 /// Run every check `apply` makes, changing nothing.
 pub fn check(pid: i32, path: &Path) -> Result<CheckReport, Error> {
+    // Permission first: it is the more fundamental answer.
+    Process::open(pid)?.check_permission()?;
     let name = read_patch(path)?.descriptor().name.clone();
     let s = Session::open(pid, Intent::Change { requested: &name })?;
     let p = prepare(&s, path)?;
@@ -437,6 +440,8 @@ struct Undo {
 
 /// Load and enable a patch.
 pub fn apply(pid: i32, path: &Path) -> Result<ApplyReport, Error> {
+    // Permission first: it is the more fundamental answer.
+    Process::open(pid)?.check_permission()?;
     let name = read_patch(path)?.descriptor().name.clone();
     let mut s = Session::open(pid, Intent::Change { requested: &name })?;
     let p = prepare(&s, path)?;

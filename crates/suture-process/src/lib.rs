@@ -412,12 +412,18 @@ impl Process {
     /// no other tracer is attached to any of its threads, and uid,
     /// capabilities, Yama and dumpability allow it.
     pub fn check_traceable(&self) -> Result<()> {
+        self.check_permission()?;
+        self.check_no_other_tracer()
+    }
+
+    /// The part of [`Process::check_traceable`] that does not depend on
+    /// who traces the process now: it is alive and we have the right.
+    pub fn check_permission(&self) -> Result<()> {
         match self.liveness() {
             Liveness::Alive => {}
             Liveness::Zombie => return Err(Error::Zombie { pid: self.pid }),
             Liveness::Gone => return Err(Error::NoSuchProcess { pid: self.pid }),
         }
-        self.check_no_other_tracer()?;
         match self.permission_problems() {
             Some(reason) => Err(Error::PermissionDenied {
                 pid: self.pid,
