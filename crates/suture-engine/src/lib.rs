@@ -23,7 +23,7 @@ pub mod transition;
 pub mod worker;
 pub mod write;
 
-pub use ops::{apply, check, disable, force, list, status, wait, WaitEnd};
+pub use ops::{apply, check, disable, force, list, status, wait, worker_ready, WaitEnd};
 pub use report::{
     ApplyReport, CheckReport, DisableReport, ForceReport, ProcessEntry, StatusReport,
 };

@@ -1081,6 +1081,10 @@ pub fn disable(pid: i32, name: &str) -> Result<DisableReport, Error> {
             return Err(e);
         }
     }
+    let target = model
+        .transition()
+        .map(|t| format!("{:?}", t.target).to_lowercase())
+        .unwrap_or_default();
     s.rec.model = model;
     s.save()?;
     let (restored, pending) = match settle(&mut s)? {
@@ -1092,6 +1096,7 @@ pub fn disable(pid: i32, name: &str) -> Result<DisableReport, Error> {
         pid,
         patch: name.to_string(),
         reversed,
+        target,
         restored,
         freed_bytes: 0,
         deferred_bytes: kept,
@@ -1130,6 +1135,7 @@ fn commit_immediate(
         pid: s.proc.pid(),
         patch: name.to_string(),
         reversed,
+        target: "unpatched".into(),
         restored: gone.iter().map(|x| x.name.clone()).collect(),
         freed_bytes: freed,
         deferred_bytes: kept,
@@ -1167,6 +1173,30 @@ pub fn force(pid: i32) -> Result<ForceReport, Error> {
         switched,
         forced,
     })
+}
+
+/// Wait (at most `timeout`) until the transition of `patch` is over or a
+/// worker has taken it over: from then on its pending threads are watched.
+/// False on timeout.
+pub fn worker_ready(pid: i32, patch: &str, timeout: Duration) -> Result<bool, Error> {
+    let proc = Process::open(pid)?;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let rec = read_record(&proc)?;
+        let over = !rec.model.transition().is_some_and(|t| t.patch == patch);
+        let watched = rec
+            .transition
+            .as_ref()
+            .and_then(|t| t.worker.as_ref())
+            .is_some_and(|w| worker::alive(w, pid));
+        if over || watched {
+            return Ok(true);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// How waiting for a transition ended.

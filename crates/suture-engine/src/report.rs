@@ -276,8 +276,11 @@ pub struct ApplyReport {
 pub struct DisableReport {
     pub pid: i32,
     pub patch: String,
-    /// The patch was in transition: its enable is being reversed.
+    /// The patch was in transition: its transition is being reversed.
     pub reversed: bool,
+    /// Where the transition goes: "unpatched", or "patched" when a
+    /// disable in progress was reversed.
+    pub target: String,
     /// Threads still pending (0: the transition is complete).
     pub pending: usize,
     /// Functions whose original bytes are back.

@@ -114,15 +114,12 @@ pub fn run(pid: i32) -> Result<(), Error> {
         return Ok(());
     }
     let me = Process::open(std::process::id() as i32)?;
-    if let Some(t) = s.rec.transition.as_mut() {
-        t.worker = Some(WorkerRecord {
-            pid: me.pid(),
-            start_time: me.start_time(),
-            target: pid,
-        });
-    }
-    s.save()?;
-    let done = drive(&mut s)?;
+    let record = WorkerRecord {
+        pid: me.pid(),
+        start_time: me.start_time(),
+        target: pid,
+    };
+    let done = drive(&mut s, record)?;
     if !done {
         // Asked to stop, or the target is gone: leave the record saying
         // that no worker runs.
@@ -137,7 +134,11 @@ pub fn run(pid: i32) -> Result<(), Error> {
 }
 
 /// Retry until the transition completes (true) or the worker must stop.
-fn drive(s: &mut Session) -> Result<bool, Error> {
+/// The worker names itself in the record only once its first pass has put
+/// every pending thread under its watch: from then on a pending thread that
+/// calls a function in transition is caught at the trap.
+fn drive(s: &mut Session, me: WorkerRecord) -> Result<bool, Error> {
+    let mut announced = false;
     loop {
         let finished = {
             let Session {
@@ -158,6 +159,14 @@ fn drive(s: &mut Session) -> Result<bool, Error> {
                     d.reconcile(&mut tracer, true)?;
                     d.sweep(&mut tracer, true)?;
                     next_sweep = Instant::now() + SWEEP;
+                    if !announced {
+                        if let Some(t) = d.rec.transition.as_mut() {
+                            t.worker = Some(me.clone());
+                        }
+                        crate::store::write(proc, store.expect("a transition has a store"), d.rec)?;
+                        d.dirty = false;
+                        announced = true;
+                    }
                 }
                 if d.pending().is_empty() {
                     break;

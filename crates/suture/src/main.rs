@@ -22,7 +22,8 @@ struct Cli {
 /// How apply and disable wait for their transition.
 #[derive(clap::Args, Clone, Copy)]
 struct WaitArgs {
-    /// Return as soon as the transition has started; a worker completes it.
+    /// Return once the transition has started and its worker watches the
+    /// pending threads; the worker completes it.
     #[arg(long)]
     no_wait: bool,
     /// Give up waiting after SECS seconds (exit status 3; the transition
@@ -130,7 +131,8 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let r = suture_engine::disable(pid, &name)?;
             let pending = r.pending;
-            let present_ok = r.reversed;
+            // A reversed disable re-enables the patch.
+            let present_ok = r.target == "patched";
             transition::finish_command(
                 pid,
                 &name,

@@ -115,6 +115,12 @@ pub fn finish_command<T: Serialize>(
         return print("complete", &[], "");
     }
     if wait.no_wait {
+        // Return once the worker watches the pending threads.
+        if !suture_engine::worker_ready(pid, name, Duration::from_secs(10))? {
+            eprintln!(
+                "suture: warning: the transition worker has not started yet; `suture wait {pid}` starts one"
+            );
+        }
         let st = suture_engine::status(pid)?;
         let waiting = waiting_of(&st);
         let extra = format!(

@@ -2,6 +2,8 @@
 //! starts targets that are killed when dropped, runs the `suture` binary.
 #![allow(dead_code)]
 
+pub mod consist;
+
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::io::{BufRead, BufReader, Write};
@@ -123,6 +125,9 @@ fn build_all(src: &Path, out: &Path) {
         "patch_reader",
         "patch_reader2",
         "patch_ab",
+        "patch_p1",
+        "patch_p2",
+        "patch_p3",
     ] {
         run(Command::new(SUTURE)
             .arg("build")
@@ -149,6 +154,14 @@ fn build_all(src: &Path, out: &Path) {
             .arg("-o")
             .arg(o(&format!("{name}.o")))
             .args(["--", &format!("-DFUNC=\"{f}\"")]));
+    }
+    for name in ["ra", "rb"] {
+        run(Command::new(SUTURE)
+            .arg("build")
+            .arg(s("patch_p3.c"))
+            .arg("-o")
+            .arg(o(&format!("{name}.o")))
+            .args(["--", &format!("-DNAME=\"{name}\"")]));
     }
     run(cc()
         .args(["-c", "-O2", "-o"])
