@@ -1035,9 +1035,7 @@ pub fn disable(pid: i32, name: &str) -> Result<DisableReport, Error> {
         write_code(&s.proc, &writes, &[])?;
         s.rec.transition = None;
         // Reuse finish's bookkeeping by replaying it on a completed model.
-        return Ok(commit_immediate(
-            s, model, sites, after, completion, name, reversed,
-        )?);
+        return commit_immediate(s, model, sites, after, completion, name, reversed);
     }
     let (table, pending, started): (_, Box<dyn Fn(u64) -> bool>, _) = match kind {
         DisableKind::Started => {
@@ -1183,7 +1181,7 @@ pub fn worker_ready(pid: i32, patch: &str, timeout: Duration) -> Result<bool, Er
     let deadline = std::time::Instant::now() + timeout;
     loop {
         let rec = read_record(&proc)?;
-        let over = !rec.model.transition().is_some_and(|t| t.patch == patch);
+        let over = rec.model.transition().is_none_or(|t| t.patch != patch);
         let watched = rec
             .transition
             .as_ref()

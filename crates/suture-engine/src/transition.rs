@@ -151,6 +151,11 @@ fn sync_model(model: &mut Model, seen: &[Seen]) {
     }
 }
 
+/// Gives, from the recorded sites, the jumps for the new site modes and
+/// the sites as they will be once written.
+pub type SiteWrites<'a> =
+    dyn Fn(&BTreeMap<u64, Site>) -> Result<(Vec<CodeWrite>, BTreeMap<u64, Site>), Error> + 'a;
+
 /// Begin (or reverse) the model's transition in the process: in one stop,
 /// write the pending table (a thread is pending when `pending(tp)` says so,
 /// given its thread pointer), the dispatch stubs and the site jumps, then
@@ -161,9 +166,7 @@ pub fn begin(
     rec: &mut Record,
     model: &mut Model,
     table: (Region, u32),
-    site_writes: &dyn Fn(
-        &BTreeMap<u64, Site>,
-    ) -> Result<(Vec<CodeWrite>, BTreeMap<u64, Site>), Error>,
+    site_writes: &SiteWrites<'_>,
     pending: &dyn Fn(u64) -> bool,
     started: u64,
 ) -> Result<(), Error> {

@@ -55,13 +55,17 @@ pub fn write_code(
         .map(|o| o.expect("never declined"))
 }
 
+/// Computes the writes from the held threads, or declines (`None`).
+pub type MakeWrites<'a> =
+    dyn FnMut(&StoppedProcess<'_>) -> Result<Option<Vec<CodeWrite>>, Error> + 'a;
+
 /// Like [`write_code`], but the writes are computed while every thread is
 /// held, from what the stop shows (each thread's registers, e.g. its
 /// thread pointer). `make` may decline (`None`): every thread is resumed
 /// and nothing is written. It may run more than once (once per attempt).
 pub fn write_code_with(
     proc: &Process,
-    make: &mut dyn FnMut(&StoppedProcess<'_>) -> Result<Option<Vec<CodeWrite>>, Error>,
+    make: &mut MakeWrites<'_>,
     unused: &[Region],
 ) -> Result<Option<WriteOutcome>, Error> {
     let mut last_blocker = None;

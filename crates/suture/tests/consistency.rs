@@ -67,7 +67,7 @@ fn cycles(pid: &str, n: usize, env_immediate: bool, t: &mut Consist) -> i64 {
             ["disable", pid, "ab", "--timeout", "60"],
         ] {
             let mut cmd = std::process::Command::new(SUTURE);
-            cmd.args(&args);
+            cmd.args(args);
             if env_immediate {
                 cmd.env("SUTURE_TEST_IMMEDIATE", "1");
             }
