@@ -49,6 +49,9 @@ pub struct Checker {
     stubs: Vec<DispatchStub>,
     /// Trampolines and absolute-jump stubs: [slot, slot + SLOT_DISPATCH).
     entries: Vec<(u64, u64)>,
+    /// Lookup address of a return into a trampoline (after its relocated
+    /// call) -> the equivalent lookup address in the original function.
+    returns: Vec<(u64, u64)>,
 }
 
 impl Checker {
@@ -119,11 +122,24 @@ impl Checker {
             .values()
             .map(|s| (s.slot, s.slot + SLOT_DISPATCH))
             .collect();
+        // A call that was the last overwritten instruction returns into the
+        // trampoline: that is the same point as the end of the overwritten
+        // bytes in the original function.
+        let mut returns = Vec::new();
+        for site in rec.sites.values() {
+            if let Ok(code) = proc.read_mem(site.slot, SLOT_STUB as usize) {
+                let orig_end = site.site_addr + site.original.len() as u64;
+                for r in suture_x86::call_return_points(&code, site.slot) {
+                    returns.push((r - 1, orig_end - 1));
+                }
+            }
+        }
         Ok(Checker {
             unwinder,
             replaced: Replaced { ranges },
             stubs,
             entries,
+            returns,
         })
     }
 
@@ -142,6 +158,9 @@ impl Checker {
                 (true, Some(n)) => Special::Pushed(n),
                 _ => Special::Unreliable("inside suture's dispatch code"),
             };
+        }
+        if let Some((_, orig)) = self.returns.iter().find(|(r, _)| *r == pc) {
+            return Special::As(*orig);
         }
         if self.entries.iter().any(|(a, b)| pc >= *a && pc < *b) {
             return Special::Unreliable("inside the relocated entry of a patched function");
@@ -179,7 +198,13 @@ impl Checker {
         );
         let frames: Vec<u64> = unwind.frames.iter().map(|f| f.pc).collect();
         for f in &unwind.frames {
-            if let Some(what) = self.replaced.find(f.lookup) {
+            // A return into a trampoline is in the original function.
+            let lookup = self
+                .returns
+                .iter()
+                .find(|(r, _)| *r == f.lookup)
+                .map_or(f.lookup, |(_, o)| *o);
+            if let Some(what) = self.replaced.find(lookup).or(self.replaced.find(f.lookup)) {
                 return Verdict::Wait(Blocker {
                     reason: format!("in {what}"),
                     frames,

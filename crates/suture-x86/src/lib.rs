@@ -629,6 +629,31 @@ impl SitePlan {
     }
 }
 
+/// Return addresses of the calls in relocated code placed at `at` (as
+/// `SitePlan::relocated_original` made it), up to its first unconditional
+/// jump: a thread returning there is inside the copied function entry, at
+/// the point equivalent to the end of the overwritten bytes.
+pub fn call_return_points(code: &[u8], at: u64) -> Vec<u64> {
+    let mut dec = iced_x86::Decoder::with_ip(64, code, at, iced_x86::DecoderOptions::NONE);
+    let mut out = Vec::new();
+    while dec.can_decode() {
+        let ins = dec.decode();
+        if ins.is_invalid() {
+            break;
+        }
+        match ins.flow_control() {
+            iced_x86::FlowControl::Call | iced_x86::FlowControl::IndirectCall => {
+                out.push(ins.next_ip())
+            }
+            iced_x86::FlowControl::UnconditionalBranch | iced_x86::FlowControl::IndirectBranch => {
+                break
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
 /// `jmp rel32` placed at `from` jumping to `to`, or `None` if out of range.
 pub fn jmp_rel32(from: u64, to: u64) -> Option<[u8; 5]> {
     let rel = rel32(from.wrapping_add(JMP_REL32_LEN as u64), to)?;

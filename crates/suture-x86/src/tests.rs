@@ -595,6 +595,18 @@ fn call_as_last_instruction_accepted() {
     assert_eq!(r[1].code(), Code::Call_rel32_64);
     assert_eq!(r[1].near_branch_target(), callee);
     assert_eq!(r[2].near_branch_target(), FUNC + 9);
+    // A thread returning from that call lands right after it in the copy.
+    let reloc = p.relocated_original(at).unwrap();
+    assert_eq!(crate::call_return_points(&reloc, at), vec![r[1].next_ip()]);
+    // Code without calls has none.
+    let no_call = plan(&asm(FUNC, |a| {
+        a.push(rbp)?;
+        a.mov(rbp, rsp)?;
+        a.push(rbx)?;
+        a.ret()
+    }))
+    .unwrap();
+    assert!(crate::call_return_points(&no_call.relocated_original(at).unwrap(), at).is_empty());
 }
 
 #[test]

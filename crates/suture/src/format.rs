@@ -157,8 +157,11 @@ pub fn status(r: &StatusReport) -> String {
                         .join(", ")
                 );
             }
-            for th in &t.thread_states {
-                let _ = writeln!(s, "    thread {}: {}", th.tid, th.state);
+            // Every thread's state, unless there are too many to read.
+            if t.thread_states.len() <= 64 {
+                for th in &t.thread_states {
+                    let _ = writeln!(s, "    thread {}: {}", th.tid, th.state);
+                }
             }
         }
     }

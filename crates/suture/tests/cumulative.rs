@@ -228,19 +228,22 @@ fn two_hundred_replace_cycles_keep_memory_flat() {
         q.fa.iter().all(|v| *v == 4) && q.fh.iter().all(|v| *v == 101)
     });
     assert_eq!(q.mixed, 0);
-    let warm = &samples[20..100];
-    let late = &samples[100..];
-    let max = |s: &[(usize, u64)]| s.iter().map(|x| x.0).max().unwrap();
-    let max_rss = |s: &[(usize, u64)]| s.iter().map(|x| x.1).max().unwrap();
-    eprintln!(
-        "suture mappings: warm max {} late max {}; rss warm max {} late max {}",
-        max(warm),
-        max(late),
-        max_rss(warm),
-        max_rss(late)
-    );
-    assert!(max(late) <= max(warm), "{samples:?}");
-    assert!(max_rss(late) <= max_rss(warm), "{samples:?}");
+    // Flat: the usual footprint is the same early and late (a leak would
+    // raise it), and memory whose release had to wait (a thread was still
+    // near it) is bounded and released by a later command.
+    let mode = |s: &[(usize, u64)]| {
+        let mut counts = std::collections::BTreeMap::new();
+        for x in s {
+            *counts.entry(*x).or_insert(0) += 1;
+        }
+        counts.into_iter().max_by_key(|(_, n)| *n).unwrap().0
+    };
+    let early = mode(&samples[20..70]);
+    let late = mode(&samples[150..]);
+    let worst = samples[20..].iter().copied().max().unwrap();
+    eprintln!("suture mappings/resident bytes: early {early:?} late {late:?} worst {worst:?}");
+    assert_eq!(early, late, "{samples:?}");
+    assert!(worst.0 <= early.0 + 8, "{samples:?}");
     let st = json(&["status", &pid, "--json"]);
     assert_eq!(names(&st), vec!["rb"], "the last of the 200 (odd) is rb");
     assert!(t.t.alive());
