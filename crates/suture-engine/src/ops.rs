@@ -976,9 +976,30 @@ pub(crate) fn finish(s: &mut Session, forced: bool) -> Result<Option<Finished>, 
         s.save()?;
         return Ok(None);
     }
-    // Committed. Sites whose stack emptied have their original bytes back;
-    // their slots, like the removed patches' memory and the pending table,
-    // are retired and freed once no thread can be in them.
+    // Committed. Removed sites, patches and the pending table are retired
+    // and freed once no thread can be in them.
+    let gone = commit_sites(s, sites, &after, model);
+    s.rec.transition = None;
+    s.rec.retired_regions.push(t.table);
+    retire_removed(s, &completion.removed);
+    s.save()?;
+    collect_garbage(s, GC_ATTEMPTS)?;
+    s.save()?;
+    Ok(Some(Finished {
+        completion,
+        restored: gone.into_iter().map(|x| x.name).collect(),
+    }))
+}
+
+/// Record the sites and model of a completed transition. Sites whose stack
+/// emptied have their original bytes back; their slots are retired (freed
+/// once no thread can be in them). Returns those sites.
+fn commit_sites(
+    s: &mut Session,
+    mut sites: BTreeMap<u64, Site>,
+    after: &BTreeMap<u64, SiteMode>,
+    model: Model,
+) -> Vec<Site> {
     let gone: Vec<Site> = sites
         .values()
         .filter(|x| !after.contains_key(&x.func_addr))
@@ -992,16 +1013,7 @@ pub(crate) fn finish(s: &mut Session, forced: bool) -> Result<Option<Finished>, 
     }
     s.rec.sites = sites;
     s.rec.model = model;
-    s.rec.transition = None;
-    s.rec.retired_regions.push(t.table);
-    retire_removed(s, &completion.removed);
-    s.save()?;
-    collect_garbage(s, GC_ATTEMPTS)?;
-    s.save()?;
-    Ok(Some(Finished {
-        completion,
-        restored: gone.into_iter().map(|x| x.name).collect(),
-    }))
+    gone
 }
 
 /// Which intent a command about patch `name` has: acting on the patch in
@@ -1106,25 +1118,13 @@ pub fn disable(pid: i32, name: &str) -> Result<DisableReport, Error> {
 fn commit_immediate(
     mut s: Session,
     model: Model,
-    mut sites: BTreeMap<u64, Site>,
+    sites: BTreeMap<u64, Site>,
     after: BTreeMap<u64, SiteMode>,
     completion: Completion,
     name: &str,
     reversed: bool,
 ) -> Result<DisableReport, Error> {
-    let gone: Vec<Site> = sites
-        .values()
-        .filter(|x| !after.contains_key(&x.func_addr))
-        .cloned()
-        .collect();
-    for x in &gone {
-        sites.remove(&x.func_addr);
-        if let Some((ai, si)) = s.rec.slot_owner(x.slot) {
-            s.rec.arenas[ai].used.insert(si, SlotUse::Retired);
-        }
-    }
-    s.rec.sites = sites;
-    s.rec.model = model;
+    let gone = commit_sites(&mut s, sites, &after, model);
     retire_removed(&mut s, &completion.removed);
     s.save()?;
     let (freed, kept) = collect_garbage(&mut s, GC_ATTEMPTS)?;

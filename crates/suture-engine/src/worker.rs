@@ -44,24 +44,20 @@ pub fn alive(w: &WorkerRecord, target: i32) -> bool {
 /// Ask a worker to let go of its process and wait until it has exited
 /// (killing it if it does not: the target is safe either way).
 pub fn stop(w: &WorkerRecord) -> Result<(), Error> {
-    let gone = || !alive(w, w.target);
-    // SAFETY: kill(2) with a pid and signal number; no memory is involved.
-    unsafe { libc::kill(w.pid, libc::SIGTERM) };
-    let deadline = Instant::now() + STOP_WAIT;
-    while Instant::now() < deadline {
-        if gone() {
-            return Ok(());
+    let exits_after = |sig: libc::c_int| {
+        // SAFETY: kill(2) with a pid and signal number; no memory is involved.
+        unsafe { libc::kill(w.pid, sig) };
+        let deadline = Instant::now() + STOP_WAIT;
+        while Instant::now() < deadline {
+            if !alive(w, w.target) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    // SAFETY: as above.
-    unsafe { libc::kill(w.pid, libc::SIGKILL) };
-    let deadline = Instant::now() + STOP_WAIT;
-    while Instant::now() < deadline {
-        if gone() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(5));
+        false
+    };
+    if exits_after(libc::SIGTERM) || exits_after(libc::SIGKILL) {
+        return Ok(());
     }
     Err(Error::Other(format!(
         "the transition worker (pid {}) of process {} does not exit; try again",

@@ -259,8 +259,8 @@ fn interrupted_blocking_calls_restart_transparently() {
         let regs = tracer.stop(t.reader, T).unwrap();
         // In the call, or (after a plain restart) back in user mode on the
         // `syscall` instruction that re-issues it.
-        let at_restart = regs.orig_rax == u64::MAX
-            && process.read_mem(regs.rip, 2).unwrap() == [0x0f, 0x05];
+        let at_restart =
+            regs.orig_rax == u64::MAX && process.read_mem(regs.rip, 2).unwrap() == [0x0f, 0x05];
         assert!(
             regs.orig_rax == SYS_READ || at_restart,
             "round {i}: orig_rax {:#x}",
