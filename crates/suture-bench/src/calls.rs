@@ -72,6 +72,8 @@ fn measure(t: &mut Target, o: &Options) -> Result<Measure> {
         slow,
         jmp1,
         jmp2,
+        tbody,
+        stwin,
         insn,
     })
 }
