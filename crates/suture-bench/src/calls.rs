@@ -478,3 +478,34 @@ pub fn callgrind(suture: &Path, target: &Path, patch: &Path, dir: &Path) -> Valu
         Err(e) => json!({ "error": e }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn callgrind_inclusive_costs_follow_name_compression() {
+        let dir = std::env::temp_dir().join(format!("suture-bench-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("cg.out");
+        let text = "events: Ir\nfn=(1) run_triv\n10 4\ncfn=(2) triv\ncalls=3 20\n10 6\n\
+                    fn=(2)\n20 6\nfn=(3) run_slow\n30 1\ncfn=(4) slow50\ncalls=1 40\n30 205\nfn=(4)\n40 205\n";
+        std::fs::write(&f, text).unwrap();
+        let c = callgrind_costs(&f).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(c, [10.0, 206.0, 6.0, 205.0]);
+    }
+
+    #[test]
+    fn status_helpers() {
+        let st = json!({ "transition": { "pending": [ { "tid": 5, "name": "holder" } ] },
+                         "sites": [ { "function": "triv", "mode": "dispatch" } ] });
+        assert_eq!(pending_names(&st), ["holder"]);
+        assert_eq!(site_mode(&st, "triv"), "dispatch");
+        assert_eq!(site_mode(&st, "slow50"), "none");
+        assert_eq!(
+            addr_of("ready 1 triv=0x10 slow50=0x20", "slow50").unwrap(),
+            0x20
+        );
+    }
+}

@@ -1,4 +1,5 @@
 //! Output of the cost-per-call benchmark: terminal, JSON, Markdown, SVG.
+#![allow(clippy::needless_range_loop)]
 
 use crate::calls::{MODES, MODE_TITLES};
 use crate::util::{machine, stats, Result};
@@ -85,6 +86,11 @@ fn paired(per_mode: &[Vec<f64>]) -> Vec<(f64, f64, f64)> {
         .collect()
 }
 
+/// The paired added cost after the transition (median over rounds).
+fn tp_after_missing(triv_pair: &[Vec<f64>]) -> f64 {
+    paired(triv_pair)[2].0
+}
+
 fn fig_json(f: &Fig) -> Value {
     json!({ "median_ns": f.med, "min_ns": f.min, "max_ns": f.max, "ratio_to_unpatched": f.ratio,
             "added_ns_median": f.added, "added_ns_min": f.added_min, "added_ns_max": f.added_max })
@@ -119,9 +125,7 @@ struct Target {
 impl Calls {
     fn targets(&self) -> Vec<Target> {
         let t = figs(&self.triv);
-        let s = figs(&self.slow);
         let bytes_same = self.bytes[3] == self.bytes[0];
-        let j = self.ref_figs();
         let tp = paired(&self.triv_pair);
         let sp = paired(&self.slow_pair);
         let (j1, _, _) = stats(&self.jmp_pair[0]);
@@ -188,14 +192,26 @@ impl Calls {
             self.opts_calls,
             self.opts_calls / 25
         );
+        let tp = paired(&self.triv_pair);
+        let sp = paired(&self.slow_pair);
         println!(
-            "{:<54} {:>26} {:>26}",
-            "mode", "triv ns (added, ratio)", "slow50 ns (added, ratio)"
+            "{:<54} {:>36} {:>36}",
+            "mode",
+            "triv ns (added, paired added, ratio)",
+            "slow50 ns (added, paired added, ratio)"
         );
         for i in 0..4 {
             println!(
-                "{:<54} {:>8.3} ({:+.3}, {:.3}x) {:>8.2} ({:+.2}, {:.3}x)",
-                MODE_TITLES[i], t[i].med, t[i].added, t[i].ratio, s[i].med, s[i].added, s[i].ratio
+                "{:<54} {:>8.3} ({:+.3}, {:+.3}, {:.3}x) {:>8.2} ({:+.2}, {:+.2}, {:.3}x)",
+                MODE_TITLES[i],
+                t[i].med,
+                t[i].added,
+                tp[i].0,
+                t[i].ratio,
+                s[i].med,
+                s[i].added,
+                sp[i].0,
+                s[i].ratio
             );
         }
         let j = self.ref_figs();
@@ -207,8 +223,12 @@ impl Calls {
         .enumerate()
         {
             println!(
-                "{:<54} {:>8.3} ({:+.3}, {:.3}x)",
-                name, j[k].med, j[k].added, j[k].ratio
+                "{:<54} {:>8.3} ({:+.3}, {:+.3}, {:.3}x)",
+                name,
+                j[k].med,
+                j[k].added,
+                stats(&self.jmp_pair[k]).0,
+                j[k].ratio
             );
         }
         for tg in self.targets() {
@@ -233,6 +253,8 @@ impl Calls {
         let (cpu, cores, kernel) = machine();
         let t = figs(&self.triv);
         let s = figs(&self.slow);
+        let tp = paired(&self.triv_pair);
+        let sp = paired(&self.slow_pair);
         let mut modes = serde_json::Map::new();
         for i in 0..4 {
             modes.insert(
@@ -242,19 +264,23 @@ impl Calls {
                         "insn_per_call_perf": self.insn[i].map(|(a, b)| vec![a, b]),
                         "insn_per_call_singlestep_rounds": self.steps[i],
                         "insn_per_call_singlestep": step_pair(&self.steps[i]).map(|(a, b)| json!({ "triv": a, "slow50": b })),
-                        "triv_entry_bytes": self.bytes[i], "triv_site_mode": self.sites[i] }),
+                        "triv_entry_bytes": self.bytes[i], "triv_site_mode": self.sites[i],
+                        "triv_minus_twin_round_medians_ns": self.triv_pair[i],
+                        "slow50_minus_twin_round_medians_ns": self.slow_pair[i],
+                        "triv_added_paired_ns": { "median": tp[i].0, "min": tp[i].1, "max": tp[i].2 },
+                        "slow50_added_paired_ns": { "median": sp[i].0, "min": sp[i].1, "max": sp[i].2 } }),
             );
         }
         let j = self.ref_figs();
         modes.insert(
             "reference_triv_one_jmp".into(),
             json!({ "title": "triv_body reached through one compiled jmp (never patched)", "triv": fig_json(&j[0]),
-                    "triv_round_medians_ns": self.jmps[0] }),
+                    "triv_round_medians_ns": self.jmps[0], "minus_triv_body_round_medians_ns": self.jmp_pair[0] }),
         );
         modes.insert(
             "reference_triv_two_jumps".into(),
             json!({ "title": "triv_body reached through a short jmp then a jmp rel32 (padding-redirect shape)",
-                    "triv": fig_json(&j[1]), "triv_round_medians_ns": self.jmps[1] }),
+                    "triv": fig_json(&j[1]), "triv_round_medians_ns": self.jmps[1], "minus_triv_body_round_medians_ns": self.jmp_pair[1] }),
         );
         let targets: Vec<Value> = self
             .targets()
@@ -329,23 +355,31 @@ impl Calls {
         );
         let _ = writeln!(
             m,
-            "| mode | triv ns/call (min..max) | added ns | ratio | slow50 ns/call (min..max) | added ns | ratio | triv entry bytes | triv site |"
+            "| mode | triv ns/call (min..max) | added ns | added ns, paired (min..max) | ratio | slow50 ns/call (min..max) | added ns | added ns, paired (min..max) | ratio | triv entry bytes | triv site |"
         );
-        let _ = writeln!(m, "|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(m, "|---|---|---|---|---|---|---|---|---|---|---|");
+        let tp = paired(&self.triv_pair);
+        let sp = paired(&self.slow_pair);
         for i in 0..4 {
             let _ = writeln!(
                 m,
-                "| {} | {:.3} ({:.3}..{:.3}) | {:+.3} | {:.3} | {:.2} ({:.2}..{:.2}) | {:+.2} | {:.3} | `{}` | {} |",
+                "| {} | {:.3} ({:.3}..{:.3}) | {:+.3} | {:+.3} ({:+.3}..{:+.3}) | {:.3} | {:.2} ({:.2}..{:.2}) | {:+.2} | {:+.2} ({:+.2}..{:+.2}) | {:.3} | `{}` | {} |",
                 MODE_TITLES[i],
                 t[i].med,
                 t[i].min,
                 t[i].max,
                 t[i].added,
+                tp[i].0,
+                tp[i].1,
+                tp[i].2,
                 t[i].ratio,
                 s[i].med,
                 s[i].min,
                 s[i].max,
                 s[i].added,
+                sp[i].0,
+                sp[i].1,
+                sp[i].2,
                 s[i].ratio,
                 self.bytes[i],
                 self.sites[i]
@@ -361,20 +395,31 @@ impl Calls {
         {
             let _ = writeln!(
                 m,
-                "| {name} | {:.3} ({:.3}..{:.3}) | {:+.3} | {:.3} | | | | | |",
-                j[k].med, j[k].min, j[k].max, j[k].added, j[k].ratio
+                "| {name} | {:.3} ({:.3}..{:.3}) | {:+.3} | {:+.3} | {:.3} | | | | | | |",
+                j[k].med,
+                j[k].min,
+                j[k].max,
+                j[k].added,
+                stats(&self.jmp_pair[k]).0,
+                j[k].ratio
             );
         }
         let _ = writeln!(
             m,
-            "\n\"added\" is the median over rounds of (mode − unpatched) measured in the same round. The two \
+            "\n\"added\" is the median over rounds of (mode − unpatched) measured in the same round. \"paired\" \
+             removes the drift between the modes (which run one after the other): each batch also times a \
+             never-patched twin with the same body (`triv_body`, `slow50_twin`), a round's figure is the median \
+             over batches of (function − twin), and the added cost is that figure minus the unpatched mode's, \
+             in the same round; the targets are judged on it. For the references, \"paired\" is (reference − \
+             `triv_body`) in the same batches. The two \
              reference rows are functions compiled into the target and never patched (`triv_jmp1`, `triv_jmp2`), \
              timed in the unpatched mode of each round: what one and two taken direct jumps cost on this \
              machine in the same loop.\n"
         );
         let _ = writeln!(m, "![cost per call by mode](benchmarks-calls.svg)\n");
         let _ = writeln!(m, "### Targets\n\n| target | figure | met |\n|---|---|---|");
-        for tg in self.targets() {
+        let targets = self.targets();
+        for tg in &targets {
             let _ = writeln!(
                 m,
                 "| {} | {} | {} |",
@@ -383,6 +428,37 @@ impl Calls {
                 if tg.met { "yes" } else { "**no**" }
             );
         }
+        if !targets[0].met {
+            let (j1, _, _) = stats(&self.jmp_pair[0]);
+            let _ = writeln!(
+                m,
+                "\nThe 0.15 ns target after a transition is missed by {:.3} ns: suture adds {:+.3} ns where one \
+                 `jmp` compiled into the target, never patched, adds {:+.3} ns in the same batches, and the \
+                 single-stepped count shows exactly one more instruction (the `jmp`). The cost is that of one \
+                 taken direct jump in a loop of dependent calls (about one cycle here, where each call already \
+                 takes a few cycles), the same as suture's within this machine's noise: nothing else on the path costs measurably. \
+                 Closing it needs no jump at all on the call path: rewriting the direct call sites of the patched \
+                 function (and its address-taken uses) to the new code once the transition completes, keeping \
+                 the entry `jmp` only for callers that cannot be rewritten. The libpulp comparison holds: the \
+                 two-jump shape costs {:+.3} ns here.",
+                tp_after_missing(&self.triv_pair) - TARGET_AFTER_NS,
+                tp_after_missing(&self.triv_pair),
+                j1,
+                stats(&self.jmp_pair[1]).0
+            );
+        }
+        let _ = writeln!(
+            m,
+            "\nDuring a transition a switched thread runs the dispatch stub at each call: {} more instructions \
+             (the `fs:0` lookup in the pending table, past its tombstone, then the jump to the new code), \
+             a few ns on a trivial call and hidden in the latency chain of the 50 ns one. A pending thread \
+             instead takes the stub's trap (a system call, then its stack check by the worker) once, at its \
+             first call, and is switched there.\n",
+            match (step_pair(&self.steps[1]), step_pair(&self.steps[0])) {
+                (Some((d, _)), Some((u, _))) => (d as i64 - u as i64).to_string(),
+                _ => "(not counted)".to_string(),
+            }
+        );
         let _ = writeln!(m, "\n### Instruction counts\n");
         let _ = writeln!(
             m,
@@ -413,7 +489,7 @@ impl Calls {
                 let _ = writeln!(
                     m,
                     "Hardware counters are not available to the target here (`perf_event_open` fails: a VM \
-                     without a virtual PMU), so instruction counts per mode come only from callgrind below.\n"
+                     without a virtual PMU): the exact counts are the single-stepped ones above, cross-checked by callgrind below.\n"
                 );
             }
         }
@@ -442,7 +518,10 @@ impl Calls {
                  translations of them), its threads' registers and `fs` base seen through ptrace are \
                  valgrind's, not the guest's, so neither the stack check nor the dispatch stub's `fs:0` lookup \
                  would hold. The exact counts for the patched modes come from single-stepping (above).\n",
-                cg["suture_apply_under_valgrind"].as_str().unwrap_or("?").trim().replace('|', "\\|")
+                {
+                    let e = cg["suture_apply_under_valgrind"].as_str().unwrap_or("?").trim();
+                    e.rsplit_once("): ").map(|(_, m)| m).unwrap_or(e).replace('|', "\\|")
+                }
             );
             }
         } else {
@@ -536,5 +615,31 @@ impl Calls {
         );
         let _ = writeln!(o, "</svg>");
         o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paired_is_per_round_difference_to_unpatched() {
+        let v = vec![
+            vec![0.1, 0.2, 0.0],
+            vec![0.5, 0.4, 0.3],
+            vec![0.1, 0.2, 0.0],
+        ];
+        let p = paired(&v);
+        assert_eq!(p[0], (0.0, 0.0, 0.0));
+        assert!((p[1].0 - 0.3).abs() < 1e-12 && (p[1].1 - 0.2).abs() < 1e-12);
+        assert_eq!(p[2].0, 0.0);
+    }
+
+    #[test]
+    fn step_counts_agree_only_when_every_round_does() {
+        assert_eq!(step_pair(&["2 205".into(), "2 205".into()]), Some((2, 205)));
+        assert_eq!(step_pair(&["2 205".into(), "3 205".into()]), None);
+        assert_eq!(step_pair(&["error: x".into()]), None);
+        assert_eq!(distinct(&["a".into(), "b".into(), "a".into()]), "a | b");
     }
 }
