@@ -66,6 +66,9 @@ pub struct ObjectDesc {
     pub build_id: Option<String>,
     pub funcs: Vec<FuncDesc>,
     pub callbacks: CallbacksDesc,
+    /// Where this `struct suture_object` itself lies (the argument its
+    /// callbacks receive).
+    pub desc: SymRef,
 }
 
 /// One `struct suture_func`.
@@ -334,6 +337,10 @@ impl<'a> Reader<'a> {
                 build_id,
                 funcs,
                 callbacks,
+                desc: SymRef::Section {
+                    index: sec,
+                    offset: at,
+                },
             });
         }
         Err(invalid(format!(

@@ -168,14 +168,20 @@ impl Checker {
         Special::None
     }
 
-    /// Check one stopped thread with registers `regs`.
-    pub fn check(&self, proc: &Process, regs: &libc::user_regs_struct) -> Verdict {
+    /// Unwind one stopped thread of `proc` from `regs`, with `special`
+    /// describing code the unwinder has no CFI for.
+    pub fn unwind(
+        &self,
+        proc: &Process,
+        regs: &Regs,
+        special: &dyn Fn(u64) -> Special,
+    ) -> suture_unwind::Unwind {
         // One read of the top of the stack serves nearly every unwind; near
         // the end of the stack mapping, read only what it holds.
         let chunk = proc
-            .read_mem(regs.rsp, STACK_CHUNK)
-            .map(|b| (regs.rsp, b))
-            .or_else(|_| read_stack(proc, regs.rsp, STACK_CHUNK))
+            .read_mem(regs.sp, STACK_CHUNK)
+            .map(|b| (regs.sp, b))
+            .or_else(|_| read_stack(proc, regs.sp, STACK_CHUNK))
             .ok();
         let mut read = |addr: u64| -> Option<u64> {
             if let Some((start, bytes)) = &chunk {
@@ -187,13 +193,18 @@ impl Checker {
             let b = proc.read_mem(addr, 8).ok()?;
             Some(u64::from_le_bytes(b.try_into().ok()?))
         };
-        let unwind = self.unwinder.unwind(
-            Regs {
+        self.unwinder.unwind(*regs, &mut read, special)
+    }
+
+    /// Check one stopped thread with registers `regs`.
+    pub fn check(&self, proc: &Process, regs: &libc::user_regs_struct) -> Verdict {
+        let unwind = self.unwind(
+            proc,
+            &Regs {
                 pc: regs.rip,
                 sp: regs.rsp,
                 bp: regs.rbp,
             },
-            &mut read,
             &|pc| self.special(pc),
         );
         let frames: Vec<u64> = unwind.frames.iter().map(|f| f.pc).collect();

@@ -9,6 +9,7 @@
 //! ([`memory`]), symbol resolution ([`resolve`]) and the write protocol
 //! ([`write`]).
 
+pub mod callbacks;
 pub mod check;
 pub mod frames;
 pub mod lock;

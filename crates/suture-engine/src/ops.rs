@@ -596,9 +596,13 @@ fn apply_prepared(
                     .push((k, image.address_of(r).map_err(Error::Link)?));
             }
         }
+        mo.desc_addr = image.address_of(&od.desc).map_err(Error::Link)?;
     }
 
     test_pause("loaded");
+    // kernel: klp_pre_patch_callback, object by object; a failure cancels
+    // the enable, and objects whose pre-patch ran get their post-unpatch.
+    let mut callback_log = pre_patch(s, &patch)?;
     let text = image.text_range();
     let memory = PatchMemory {
         image: Region {
@@ -669,17 +673,21 @@ fn apply_prepared(
     s.save()?;
     let (replaced, pending) = match completion {
         Some(c) => {
+            callback_log.extend(run_callbacks(s, &c));
             collect_garbage(s, GC_ATTEMPTS)?;
             s.save()?;
             (c.removed.iter().map(|p| p.name.clone()).collect(), 0)
         }
         None => match settle(s)? {
             Settled::Complete(f) => (
-                f.completion
-                    .removed
-                    .iter()
-                    .map(|p| p.name.clone())
-                    .collect(),
+                {
+                    callback_log.extend(f.callbacks);
+                    f.completion
+                        .removed
+                        .iter()
+                        .map(|p| p.name.clone())
+                        .collect()
+                },
                 0,
             ),
             Settled::Pending(n) => (Vec::new(), n),
@@ -720,7 +728,158 @@ fn apply_prepared(
         funcs,
         replaced,
         pending,
+        callbacks: callback_log,
     })
+}
+
+fn object_label(name: &Option<String>) -> String {
+    match name {
+        Some(n) => format!("object {n}"),
+        None => "object [main program]".to_string(),
+    }
+}
+
+fn kind_name(k: CallbackKind) -> &'static str {
+    match k {
+        CallbackKind::PrePatch => "pre-patch",
+        CallbackKind::PostPatch => "post-patch",
+        CallbackKind::PreUnpatch => "pre-unpatch",
+        CallbackKind::PostUnpatch => "post-unpatch",
+    }
+}
+
+/// A callback runner for the session's process.
+fn with_runner<T>(
+    s: &Session,
+    f: impl FnOnce(&crate::callbacks::Runner<'_>) -> T,
+) -> Result<T, Error> {
+    let objects = Objects::discover(&s.proc, &s.proc.maps()?)?;
+    let checker = crate::check::Checker::new(&s.proc, &objects, &s.rec)?;
+    Ok(f(&crate::callbacks::Runner::new(
+        &s.proc, &checker, &objects,
+    )))
+}
+
+/// Run `patch`'s pre-patch callbacks in object order. On the first failure
+/// (non-zero, or the callback could not run) the post-unpatch callbacks of
+/// the objects whose pre-patch succeeded run, and the enable is refused.
+fn pre_patch(s: &Session, patch: &Patch) -> Result<Vec<String>, Error> {
+    let has_any = patch.objects.iter().any(|o| !o.callbacks.is_empty());
+    if !has_any {
+        return Ok(Vec::new());
+    }
+    with_runner(s, |r| {
+        let mut log = Vec::new();
+        let mut done: Vec<&Object> = Vec::new();
+        for o in &patch.objects {
+            let Some((_, addr)) = o
+                .callbacks
+                .iter()
+                .find(|(k, _)| *k == CallbackKind::PrePatch)
+            else {
+                done.push(o);
+                continue;
+            };
+            let label = object_label(&o.name);
+            let result = r.call(
+                &format!("pre-patch callback of {label}"),
+                *addr,
+                o.desc_addr,
+            );
+            let failed = match result {
+                Ok(v) => (v as u32 as i32 != 0).then(|| format!("it returned {}", v as u32 as i32)),
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(why) = failed {
+                // kernel order: object by object, as klp_cancel_transition.
+                for d in &done {
+                    if let Some((_, a)) = d
+                        .callbacks
+                        .iter()
+                        .find(|(k, _)| *k == CallbackKind::PostUnpatch)
+                    {
+                        let _ = r.call("post-unpatch callback", *a, d.desc_addr);
+                    }
+                }
+                return Err(Error::Other(format!(
+                    "pre-patch callback failed for {label} of patch '{}' ({why}); the patch was not applied",
+                    patch.name
+                )));
+            }
+            log.push(format!("pre-patch {label}: ok"));
+            done.push(o);
+        }
+        Ok(log)
+    })?
+}
+
+/// Run the pre-unpatch callbacks of patch `name` (they cannot fail).
+fn pre_unpatch(s: &Session, name: &str) -> Result<Vec<String>, Error> {
+    let Some(p) = s.rec.model.patch(name) else {
+        return Ok(Vec::new());
+    };
+    let list: Vec<(String, u64, u64)> = p
+        .objects
+        .iter()
+        .filter_map(|o| {
+            let (_, a) = o
+                .callbacks
+                .iter()
+                .find(|(k, _)| *k == CallbackKind::PreUnpatch)?;
+            Some((object_label(&o.name), *a, o.desc_addr))
+        })
+        .collect();
+    if list.is_empty() {
+        return Ok(Vec::new());
+    }
+    with_runner(s, |r| {
+        list.iter()
+            .map(|(label, a, arg)| {
+                match r.call(&format!("pre-unpatch callback of {label}"), *a, *arg) {
+                    Ok(_) => format!("pre-unpatch {label}: ok"),
+                    Err(e) => format!("pre-unpatch {label}: FAILED: {e}"),
+                }
+            })
+            .collect()
+    })
+}
+
+/// Run a completion's callbacks (post-patch or post-unpatch), in order.
+/// Their failures cannot undo the completed transition: they are reported.
+fn run_callbacks(s: &mut Session, c: &Completion) -> Vec<String> {
+    if c.callbacks.is_empty() {
+        return Vec::new();
+    }
+    let args: Vec<(String, String, u64, u64)> = c
+        .callbacks
+        .iter()
+        .map(|(patch, obj, kind, addr)| {
+            let arg = s
+                .rec
+                .model
+                .patch(patch)
+                .into_iter()
+                .chain(c.removed.iter())
+                .flat_map(|p| p.objects.iter())
+                .find(|o| &o.name == obj && o.callbacks.iter().any(|(_, a)| a == addr))
+                .map(|o| o.desc_addr)
+                .unwrap_or(0);
+            (kind_name(*kind).to_string(), object_label(obj), *addr, arg)
+        })
+        .collect();
+    match with_runner(s, |r| {
+        args.iter()
+            .map(|(kind, label, a, arg)| {
+                match r.call(&format!("{kind} callback of {label}"), *a, *arg) {
+                    Ok(_) => format!("{kind} {label}: ok"),
+                    Err(e) => format!("{kind} {label}: FAILED: {e}"),
+                }
+            })
+            .collect()
+    }) {
+        Ok(v) => v,
+        Err(e) => vec![format!("callbacks not run: {e}")],
+    }
 }
 
 /// The bytes every changed site needs, given the site modes before and after.
@@ -904,6 +1063,8 @@ pub(crate) struct Finished {
     pub(crate) completion: Completion,
     /// Functions whose original bytes are back.
     pub(crate) restored: Vec<String>,
+    /// What the completion's callbacks did.
+    pub(crate) callbacks: Vec<String>,
 }
 
 /// Where a transition stands after the command's own first pass.
@@ -981,6 +1142,9 @@ pub(crate) fn finish(s: &mut Session, forced: bool) -> Result<Option<Finished>, 
     let gone = commit_sites(s, sites, &after, model);
     s.rec.transition = None;
     s.rec.retired_regions.push(t.table);
+    // kernel: klp_post_patch_callback / klp_post_unpatch_callback, while
+    // the code of a removed patch is still mapped.
+    let callbacks = run_callbacks(s, &completion);
     retire_removed(s, &completion.removed);
     s.save()?;
     collect_garbage(s, GC_ATTEMPTS)?;
@@ -988,6 +1152,7 @@ pub(crate) fn finish(s: &mut Session, forced: bool) -> Result<Option<Finished>, 
     Ok(Some(Finished {
         completion,
         restored: gone.into_iter().map(|x| x.name).collect(),
+        callbacks,
     }))
 }
 
@@ -1039,6 +1204,9 @@ pub fn disable(pid: i32, name: &str) -> Result<DisableReport, Error> {
     let kind = model.begin_disable(name, &threads)?;
     let reversed = kind == DisableKind::Reversed;
     if transition::immediate() {
+        if kind == DisableKind::Started {
+            pre_unpatch(&s, name)?;
+        }
         transition::switch_every_thread(&mut model);
         let completion = model.complete()?;
         let after = model.site_modes();
@@ -1048,6 +1216,12 @@ pub fn disable(pid: i32, name: &str) -> Result<DisableReport, Error> {
         s.rec.transition = None;
         // Reuse finish's bookkeeping by replaying it on a completed model.
         return commit_immediate(s, model, sites, after, completion, name, reversed);
+    }
+    // kernel: klp_pre_unpatch_callback before the transition starts (not
+    // at a reversal, where no callback runs).
+    let mut callback_log = Vec::new();
+    if kind == DisableKind::Started {
+        callback_log = pre_unpatch(&s, name)?;
     }
     let (table, pending, started): (_, Box<dyn Fn(u64) -> bool>, _) = match kind {
         DisableKind::Started => {
@@ -1098,7 +1272,10 @@ pub fn disable(pid: i32, name: &str) -> Result<DisableReport, Error> {
     s.rec.model = model;
     s.save()?;
     let (restored, pending) = match settle(&mut s)? {
-        Settled::Complete(c) => (c.restored, 0),
+        Settled::Complete(c) => {
+            callback_log.extend(c.callbacks);
+            (c.restored, 0)
+        }
         Settled::Pending(n) => (Vec::new(), n),
     };
     let kept: u64 = s.rec.retired.iter().map(|m| m.image.len).sum();
@@ -1111,6 +1288,7 @@ pub fn disable(pid: i32, name: &str) -> Result<DisableReport, Error> {
         freed_bytes: 0,
         deferred_bytes: kept,
         pending,
+        callbacks: callback_log,
     })
 }
 
@@ -1125,6 +1303,7 @@ fn commit_immediate(
     reversed: bool,
 ) -> Result<DisableReport, Error> {
     let gone = commit_sites(&mut s, sites, &after, model);
+    let callbacks = run_callbacks(&mut s, &completion);
     retire_removed(&mut s, &completion.removed);
     s.save()?;
     let (freed, kept) = collect_garbage(&mut s, GC_ATTEMPTS)?;
@@ -1138,6 +1317,7 @@ fn commit_immediate(
         freed_bytes: freed,
         deferred_bytes: kept,
         pending: 0,
+        callbacks,
     })
 }
 

@@ -270,6 +270,8 @@ pub struct ApplyReport {
     /// Threads still pending after the command's own pass (0: the
     /// transition is complete).
     pub pending: usize,
+    /// What the patch's callbacks did (those run by this command).
+    pub callbacks: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -283,6 +285,8 @@ pub struct DisableReport {
     pub target: String,
     /// Threads still pending (0: the transition is complete).
     pub pending: usize,
+    /// What the patch's callbacks did (those run by this command).
+    pub callbacks: Vec<String>,
     /// Functions whose original bytes are back.
     pub restored: Vec<String>,
     /// Memory released now, and memory kept because a thread may still use it.

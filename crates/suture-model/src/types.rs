@@ -139,6 +139,10 @@ pub struct Object {
     pub dynamic: bool,
     /// Callback addresses in the target, by kind (absent when not set).
     pub callbacks: Vec<(CallbackKind, u64)>,
+    /// Address of the patch's own description of this object in the target
+    /// (the argument its callbacks receive); 0 for dynamic objects.
+    #[serde(default)]
+    pub desc_addr: u64,
 }
 
 impl Object {
@@ -151,6 +155,7 @@ impl Object {
             patched: false,
             dynamic: false,
             callbacks: Vec::new(),
+            desc_addr: 0,
         }
     }
 }

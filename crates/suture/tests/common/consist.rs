@@ -30,6 +30,12 @@ impl Consist {
         }
     }
 
+    pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Consist {
+        Consist {
+            t: Target::start_env("consist", args, env),
+        }
+    }
+
     pub fn pid(&self) -> String {
         self.t.pid.to_string()
     }

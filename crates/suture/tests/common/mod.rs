@@ -155,6 +155,20 @@ fn build_all(src: &Path, out: &Path) {
             .arg(o(&format!("{name}.o")))
             .args(["--", &format!("-DFUNC=\"{f}\"")]));
     }
+    for (out, defs) in [
+        ("cb", &["-DNAME=\"cb\""][..]),
+        ("cb2", &["-DNAME=\"cb2\"", "-DFUNC_FH"][..]),
+        ("cbfail", &["-DNAME=\"cbfail\"", "-DFAIL_PRE"][..]),
+        ("cbr", &["-DNAME=\"cbr\"", "-DFUNC_FA", "-DREPLACE=1"][..]),
+    ] {
+        run(Command::new(SUTURE)
+            .arg("build")
+            .arg(s("patch_cb.c"))
+            .arg("-o")
+            .arg(o(&format!("{out}.o")))
+            .arg("--")
+            .args(defs));
+    }
     for name in ["ra", "rb"] {
         run(Command::new(SUTURE)
             .arg("build")
@@ -184,8 +198,14 @@ pub struct Target {
 
 impl Target {
     pub fn start(bin: &str, args: &[&str]) -> Target {
+        Target::start_env(bin, args, &[])
+    }
+
+    /// Like [`Target::start`], with extra environment variables.
+    pub fn start_env(bin: &str, args: &[&str], env: &[(&str, &str)]) -> Target {
         let mut child = Command::new(fixture(bin))
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
