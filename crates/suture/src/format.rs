@@ -49,6 +49,9 @@ pub fn apply(r: &ApplyReport) -> String {
     if !r.replaced.is_empty() {
         let _ = writeln!(s, "  replaced: {}", r.replaced.join(", "));
     }
+    for c in &r.callbacks {
+        let _ = writeln!(s, "  callback {c}");
+    }
     s
 }
 
@@ -72,6 +75,9 @@ pub fn disable(r: &DisableReport) -> String {
         );
     }
     s.push('\n');
+    for c in &r.callbacks {
+        let _ = writeln!(s, "  callback {c}");
+    }
     s
 }
 
