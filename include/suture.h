@@ -128,4 +128,12 @@ struct suture_symbol {
 			SUTURE_ABI_VERSION;                                    \
 	struct suture_patch ident __attribute__((used, section(".suture.patch")))
 
+/*
+ * Shadow variables (kernel: klp_shadow_*): data attached to an existing
+ * object of the target without changing its layout, usable from patch
+ * functions and callbacks. suture loads the code behind them into the
+ * target with the first patch that calls one of them.
+ */
+#include "suture_shadow.h"
+
 #endif /* SUTURE_H */

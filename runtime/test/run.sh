@@ -17,7 +17,7 @@ out=$(mktemp -d "${TMPDIR:-/tmp}/suture-runtime-test.XXXXXX")
 trap 'rm -rf "$out"' EXIT
 CC=${CC:-cc}
 export STRESS_SECONDS="${STRESS_SECONDS:-3}"
-WARN="-Wall -Wextra -Werror"
+WARN="-Wall -Wextra -Werror -I$rt/../include"
 
 echo "== build the runtime object as suture loads it"
 $CC -c -O2 -fPIC -fno-common -ffunction-sections -fdata-sections \

@@ -10,7 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../suture_shadow.h"
+#include "../../include/suture_shadow.h"
 
 static int failures;
 

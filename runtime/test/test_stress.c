@@ -31,7 +31,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "../suture_shadow.h"
+#include "../../include/suture_shadow.h"
 
 #define NTHREADS 8
 #define NOBJ 48

@@ -78,19 +78,19 @@ fn measure(t: &mut Target, o: &Options) -> Result<Measure> {
     })
 }
 
-struct Suture {
-    bin: PathBuf,
+pub struct Suture {
+    pub bin: PathBuf,
 }
 
 impl Suture {
-    fn cmd(&self, args: &[&str]) -> Result<String> {
+    pub fn cmd(&self, args: &[&str]) -> Result<String> {
         run_cmd(Command::new(&self.bin).args(args))
     }
-    fn status(&self, pid: i32) -> Result<Value> {
+    pub fn status(&self, pid: i32) -> Result<Value> {
         let s = self.cmd(&["status", &pid.to_string(), "--json"])?;
         serde_json::from_str(&s).map_err(|e| format!("status json: {e}: {s}"))
     }
-    fn build(&self, src: &Path, out: &Path, name: &str) -> Result<()> {
+    pub fn build(&self, src: &Path, out: &Path, name: &str) -> Result<()> {
         let def = format!("-DNAME=\"{name}\"");
         self.cmd(&[
             "build",

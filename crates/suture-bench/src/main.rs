@@ -9,7 +9,10 @@
 //! `benchmarks-calls.svg` at the repository root (unless `--no-write`).
 
 mod calls;
+mod out;
+mod pauses;
 mod report;
+mod scale;
 mod step;
 mod util;
 
@@ -17,7 +20,10 @@ use std::process::ExitCode;
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: suture-bench calls [--rounds N] [--batches N] [--calls N] [--no-callgrind] [--no-write]"
+        "usage: suture-bench calls [--rounds N] [--batches N] [--calls N] [--no-callgrind] [--no-write]\n\
+         \x20      suture-bench pauses [--rounds N] [--threads N,N,...] [--no-write]\n\
+         \x20      suture-bench scale [--reps N] [--quick] [--no-strace] [--no-write]\n\
+         \x20      suture-bench all [--no-write]"
     );
     ExitCode::from(2)
 }
@@ -27,7 +33,102 @@ fn main() -> ExitCode {
     let Some(cmd) = args.first() else {
         return usage();
     };
+    let fail = |e: String| {
+        eprintln!("suture-bench: {e}");
+        ExitCode::FAILURE
+    };
+    let num = |it: &mut std::slice::Iter<String>, name: &str| -> Option<u64> {
+        let v = it.next().and_then(|v| v.parse().ok());
+        if v.is_none() {
+            eprintln!("{name} needs a number");
+        }
+        v
+    };
     match cmd.as_str() {
+        "pauses" => {
+            let mut o = pauses::Options::default();
+            let mut it = args[1..].iter();
+            while let Some(a) = it.next() {
+                match a.as_str() {
+                    "--rounds" => match num(&mut it, a) {
+                        Some(v) if v > 0 => o.rounds = v as usize,
+                        _ => return usage(),
+                    },
+                    "--threads" => {
+                        let v: Option<Vec<usize>> = it
+                            .next()
+                            .map(|s| {
+                                s.split(',')
+                                    .map(|x| x.parse().ok().filter(|&n| n > 0))
+                                    .collect()
+                            })
+                            .unwrap_or(None);
+                        match v {
+                            Some(v) if !v.is_empty() => o.threads = v,
+                            _ => return usage(),
+                        }
+                    }
+                    "--no-write" => o.write = false,
+                    _ => return usage(),
+                }
+            }
+            pauses::run(&o).map_or_else(fail, |_| ExitCode::SUCCESS)
+        }
+        "scale" => {
+            let mut o = scale::Options::default();
+            let mut it = args[1..].iter();
+            while let Some(a) = it.next() {
+                match a.as_str() {
+                    "--reps" => match num(&mut it, a) {
+                        Some(v) if v > 0 => o.reps = v as usize,
+                        _ => return usage(),
+                    },
+                    "--quick" => o.configs = vec![(1, 1), (10, 64), (100, 64)],
+                    "--no-strace" => o.strace = false,
+                    "--no-write" => o.write = false,
+                    _ => return usage(),
+                }
+            }
+            scale::run(&o).map_or_else(fail, |_| ExitCode::SUCCESS)
+        }
+        "all" => {
+            let write = match args.get(1).map(String::as_str) {
+                None => true,
+                Some("--no-write") => false,
+                _ => return usage(),
+            };
+            let c = calls::Options {
+                write,
+                ..Default::default()
+            };
+            let p = pauses::Options {
+                write,
+                ..Default::default()
+            };
+            let s = scale::Options {
+                write,
+                ..Default::default()
+            };
+            let mut ok = true;
+            for (name, r) in [
+                (
+                    "calls",
+                    &(|| calls::run(&c)) as &dyn Fn() -> util::Result<()>,
+                ),
+                ("pauses", &|| pauses::run(&p)),
+                ("scale", &|| scale::run(&s)),
+            ] {
+                if let Err(e) = r() {
+                    eprintln!("suture-bench {name}: {e}");
+                    ok = false;
+                }
+            }
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
         "calls" => {
             let mut opts = calls::Options::default();
             let mut it = args[1..].iter();

@@ -293,28 +293,17 @@ impl Calls {
             "triv_calls_per_batch": self.opts_calls, "slow50_calls_per_batch": self.opts_calls / 25,
             "modes": modes, "targets": targets, "callgrind": self.callgrind, "raw_rounds": self.raw,
         });
-        // Keep the other benchmarks' sections of BENCHMARKS.json.
-        let jpath = root.join("BENCHMARKS.json");
-        let mut doc: Value = std::fs::read_to_string(&jpath)
-            .ok()
-            .and_then(|s| serde_json::from_str(&s).ok())
-            .filter(Value::is_object)
-            .unwrap_or_else(|| json!({}));
-        doc["machine"] = json!({ "cpu": cpu, "cores": cores, "kernel": kernel });
-        doc["calls"] = calls;
-        std::fs::write(&jpath, serde_json::to_string_pretty(&doc).unwrap() + "\n")
-            .map_err(|e| e.to_string())?;
-        std::fs::write(root.join("benchmarks-calls.svg"), self.svg(&t, &s))
-            .map_err(|e| e.to_string())?;
-        std::fs::write(
-            root.join("BENCHMARKS.md"),
-            self.markdown(&t, &s, &cpu, cores, &kernel),
-        )
-        .map_err(|e| e.to_string())?;
-        eprintln!(
-            "wrote BENCHMARKS.json, BENCHMARKS.md, benchmarks-calls.svg in {}",
-            root.display()
-        );
+        // Only this benchmark's sections of BENCHMARKS.json / BENCHMARKS.md.
+        let md = self.markdown(&t, &s, &cpu, cores, &kernel);
+        let body = md.find("## Cost per call").map(|i| &md[i..]).unwrap_or(&md);
+        crate::out::write(
+            root,
+            "calls",
+            calls,
+            "## Cost per call",
+            body,
+            &[("benchmarks-calls.svg", self.svg(&t, &s))],
+        )?;
         Ok(())
     }
 

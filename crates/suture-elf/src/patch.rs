@@ -141,6 +141,42 @@ impl PatchFile {
         })
     }
 
+    /// Parse a relocatable object that carries no patch descriptor (suture's
+    /// own runtime): it is laid out and linked like a patch, and its global
+    /// functions are found with [`PatchFile::global`].
+    pub fn parse_library(bytes: Vec<u8>, name: &str) -> Result<PatchFile, Error> {
+        let what = format!("library `{name}`");
+        if check_ident(&bytes, &what)? != elf::ET_REL {
+            return Err(invalid(format!("{what} is not a relocatable object")));
+        }
+        let elf = RelObject::parse(bytes, what)?;
+        Ok(PatchFile {
+            elf: Arc::new(elf),
+            desc: PatchDesc {
+                name: name.to_string(),
+                replace: false,
+                objects: Vec::new(),
+                states: Vec::new(),
+                symbols: Vec::new(),
+            },
+        })
+    }
+
+    /// A global symbol defined in the object, as a descriptor pointer.
+    pub fn global(&self, name: &str) -> Option<SymRef> {
+        self.elf.symbols.iter().find_map(|sym| match sym.place {
+            crate::elf::SymPlace::Section(index)
+                if sym.name == name && sym.bind == elf::STB_GLOBAL =>
+            {
+                Some(SymRef::Section {
+                    index,
+                    offset: sym.value,
+                })
+            }
+            _ => None,
+        })
+    }
+
     pub fn descriptor(&self) -> &PatchDesc {
         &self.desc
     }

@@ -64,12 +64,18 @@ impl Checker {
             let Ok((_, bias)) = o.elf() else { continue };
             let _ = unwinder.add_object(&o.path, &bytes, bias, &o.exec_ranges);
         }
-        for (name, m) in rec.patches.iter().map(|(n, m)| (n.as_str(), m)).chain(
-            rec.retired
-                .iter()
-                .chain(&rec.kept_forced)
-                .map(|m| ("retired patch", m)),
-        ) {
+        for (name, m) in rec
+            .patches
+            .iter()
+            .map(|(n, m)| (n.as_str(), m))
+            .chain(
+                rec.retired
+                    .iter()
+                    .chain(&rec.kept_forced)
+                    .map(|m| ("retired patch", m)),
+            )
+            .chain(rec.runtime.iter().map(|r| ("suture runtime", &r.memory)))
+        {
             if let Some((addr, len)) = m.eh_frame {
                 if let Ok(eh) = proc.read_mem(addr, len as usize) {
                     let _ = unwinder.add_code(name, (m.text.addr, m.text.end()), eh, addr);

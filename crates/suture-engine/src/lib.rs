@@ -19,6 +19,7 @@ pub mod ops;
 pub mod record;
 pub mod report;
 pub mod resolve;
+pub mod runtime;
 pub mod store;
 pub mod transition;
 pub mod worker;

@@ -183,6 +183,8 @@ struct Prepared {
     /// Where the image should go: near the first patched object.
     near: (u64, u64),
     checks: Vec<CheckItem>,
+    /// The patch calls suture's runtime (loaded on first use).
+    uses_runtime: bool,
 }
 
 fn stem(path: &Path) -> String {
@@ -347,7 +349,19 @@ fn prepare(s: &Session, path: &Path) -> Result<Prepared, Error> {
     let layout = file.layout().map_err(Error::Link)?;
     let resolver = Resolver::new(&objects, patched_objs.clone(), &desc.symbols);
     let mut symbols = BTreeMap::new();
+    let uses_runtime = crate::runtime::needed(&layout.undefined_symbols());
     for name in layout.undefined_symbols() {
+        // suture's runtime: its address is known once it is loaded.
+        if crate::runtime::EXPORTS.contains(&name.as_str()) {
+            let a = s
+                .rec
+                .runtime
+                .as_ref()
+                .and_then(|r| r.exports.get(&name))
+                .copied();
+            symbols.insert(name, a.unwrap_or(0));
+            continue;
+        }
         let a = resolver.resolve(&name)?;
         symbols.insert(name, a);
     }
@@ -386,6 +400,7 @@ fn prepare(s: &Session, path: &Path) -> Result<Prepared, Error> {
         symbols,
         near,
         checks,
+        uses_runtime,
     })
 }
 
@@ -414,7 +429,13 @@ pub fn check(pid: i32, path: &Path) -> Result<CheckReport, Error> {
     let p = prepare(&s, path)?;
     // Linking at a plausible address checks relocations too.
     let base = p.near.1.next_multiple_of(memory::PAGE);
-    link(&p.layout, base, &p.symbols)?;
+    // Runtime functions not loaded yet: any address in reach will do.
+    let symbols: BTreeMap<String, u64> = p
+        .symbols
+        .iter()
+        .map(|(n, a)| (n.clone(), if *a == 0 { base } else { *a }))
+        .collect();
+    link(&p.layout, base, &symbols)?;
     let mut checks = p.checks;
     checks.push(CheckItem {
         check: "link".into(),
@@ -474,14 +495,34 @@ fn apply_prepared(
         desc,
         mut patch,
         new_sites,
-        symbols,
+        mut symbols,
         near,
         checks: _,
+        uses_runtime,
     } = p;
     let maps = s.proc.maps()?;
     let mut h = s.proc.hijack(HIJACK_TIMEOUT)?;
     if s.store.is_none() {
         s.store = Some(store::create(&mut h)?);
+    }
+    // suture's runtime, once per process, before the first patch using it.
+    let mut new_runtime = None;
+    if uses_runtime {
+        let loaded = match &s.rec.runtime {
+            Some(r) => r.clone(),
+            None => {
+                let objects = Objects::discover(&s.proc, &maps)?;
+                let r = crate::runtime::load(&mut h, &s.proc, &objects)?;
+                undo.regions.push(r.memory.image.clone());
+                new_runtime = Some(r.clone());
+                r
+            }
+        };
+        for (name, addr) in &loaded.exports {
+            if let Some(v) = symbols.get_mut(name) {
+                *v = *addr;
+            }
+        }
     }
 
     // Patch image near the first patched object when possible.
@@ -616,6 +657,7 @@ fn apply_prepared(
         file: path.to_string(),
         funcs: extents,
         eh_frame: image.eh_frame(),
+        uses_runtime,
     };
     let mut model = s.rec.model.clone();
     let before = model.site_modes();
@@ -665,6 +707,9 @@ fn apply_prepared(
     undo.regions.clear();
     undo.new_arenas = 0;
     s.rec.patches.insert(desc.name.clone(), memory);
+    if let Some(r) = new_runtime {
+        s.rec.runtime = Some(r);
+    }
     s.rec.model = model;
     if let Some(c) = &completion {
         retire_removed(s, &c.removed);
@@ -950,6 +995,19 @@ fn retire_removed(s: &mut Session, removed: &[Patch]) {
             }
         }
     }
+    // The runtime goes with the last patch that uses it (a forced patch's
+    // code may still call it: then it stays).
+    let used = s
+        .rec
+        .patches
+        .values()
+        .chain(&s.rec.kept_forced)
+        .any(|m| m.uses_runtime);
+    if !used {
+        if let Some(r) = s.rec.runtime.take() {
+            s.rec.retired.push(r.memory);
+        }
+    }
 }
 
 /// Release retired memory (patch images, site slots) that no thread can
@@ -958,6 +1016,9 @@ fn retire_removed(s: &mut Session, removed: &[Patch]) {
 /// microseconds. Returns (freed, kept) bytes.
 fn collect_garbage(s: &mut Session, attempts: u32) -> Result<(u64, u64), Error> {
     let mut freed = 0;
+    // Precise where stacks unwind reliably: the unwinder knows every object
+    // and every patch image still mapped (retired ones included).
+    let mut checker = None;
     for attempt in 0..attempts {
         let slots: Vec<u64> = s
             .rec
@@ -976,6 +1037,10 @@ fn collect_garbage(s: &mut Session, attempts: u32) -> Result<(u64, u64), Error> 
         }
         if attempt > 0 {
             std::thread::sleep(Duration::from_millis(attempt as u64));
+        }
+        if checker.is_none() {
+            let objects = Objects::discover(&s.proc, &s.proc.maps()?)?;
+            checker = crate::check::Checker::new(&s.proc, &objects, &s.rec).ok();
         }
         // Executing or returning into a patch means an address in its text.
         let mut regions: Vec<Region> = s.rec.retired.iter().map(|m| m.text.clone()).collect();
@@ -997,9 +1062,9 @@ fn collect_garbage(s: &mut Session, attempts: u32) -> Result<(u64, u64), Error> 
             .collect();
         regions.extend(tables.iter().cloned());
         regions.extend(stubs.iter().cloned());
-        let outcome = write_code(&s.proc, &[], &regions)?;
+        let free = crate::write::unused_regions(&s.proc, &regions, checker.as_ref())?;
         let n = s.rec.retired.len();
-        let (images, rest) = outcome.free.split_at(n);
+        let (images, rest) = free.split_at(n);
         let (slot_free, rest) = rest.split_at(slots.len());
         let (table_free, stub_free) = rest.split_at(tables.len());
         let no_stub_busy = stub_free.iter().all(|f| *f);

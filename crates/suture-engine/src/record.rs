@@ -107,6 +107,9 @@ pub struct PatchMemory {
     /// The image's `.eh_frame` (address, length), for the unwinder.
     #[serde(default)]
     pub eh_frame: Option<(u64, u64)>,
+    /// The patch calls suture's runtime (shadow variables).
+    #[serde(default)]
+    pub uses_runtime: bool,
 }
 
 /// The engine's side of a transition in progress (the model holds the
@@ -178,6 +181,9 @@ pub struct Record {
     /// The transition in progress, if any.
     #[serde(default)]
     pub transition: Option<TransitionRecord>,
+    /// suture's runtime, while a listed patch uses it.
+    #[serde(default)]
+    pub runtime: Option<crate::runtime::Loaded>,
 }
 
 impl Record {

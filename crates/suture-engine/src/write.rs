@@ -127,10 +127,35 @@ pub fn write_code_with(
     )))
 }
 
+/// Which of `regions` no thread can be executing in or return into, asked
+/// in one whole-process stop. With a `checker`, a thread whose stack
+/// unwinds reliably is judged by its program counter, registers and return
+/// addresses only (precise: stale words in its stack do not count); other
+/// threads by every word of their live stack (conservative).
+pub fn unused_regions(
+    proc: &Process,
+    regions: &[Region],
+    checker: Option<&crate::check::Checker>,
+) -> Result<Vec<bool>, Error> {
+    let stopped = proc.stop_all(STOP_TIMEOUT)?;
+    let result = scan(proc, &stopped, regions, checker);
+    stopped.resume()?;
+    result
+}
+
 fn scan_unused(
     proc: &Process,
     stopped: &StoppedProcess<'_>,
     regions: &[Region],
+) -> Result<Vec<bool>, Error> {
+    scan(proc, stopped, regions, None)
+}
+
+fn scan(
+    proc: &Process,
+    stopped: &StoppedProcess<'_>,
+    regions: &[Region],
+    checker: Option<&crate::check::Checker>,
 ) -> Result<Vec<bool>, Error> {
     let mut free = vec![true; regions.len()];
     if regions.is_empty() {
@@ -153,6 +178,24 @@ fn scan_unused(
         };
         for v in gprs {
             mark(&mut free, v);
+        }
+        if let Some(c) = checker {
+            let unwind = c.unwind(
+                proc,
+                &suture_unwind::Regs {
+                    pc: regs.rip,
+                    sp: regs.rsp,
+                    bp: regs.rbp,
+                },
+                &|_| suture_unwind::Special::None,
+            );
+            if unwind.is_complete() {
+                for f in &unwind.frames {
+                    mark(&mut free, f.pc);
+                    mark(&mut free, f.lookup);
+                }
+                continue;
+            }
         }
         // Scan from below the red zone: a leaf may keep data there.
         let (_, stack) = read_stack(proc, regs.rsp.saturating_sub(128), STACK_SCAN)?;

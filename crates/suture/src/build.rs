@@ -6,10 +6,17 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The header patches include.
-pub const SUTURE_H: &str = include_str!("../../../include/suture.h");
+/// The headers patches include.
+pub const HEADERS: &[(&str, &str)] = &[
+    ("suture.h", include_str!("../../../include/suture.h")),
+    (
+        "suture_shadow.h",
+        include_str!("../../../include/suture_shadow.h"),
+    ),
+];
 
-/// A directory holding `suture.h` (written once per user under the temp dir).
+/// A directory holding suture's headers (written once per user under the
+/// temp dir).
 pub fn include_dir() -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!(
         "suture-include-{}-{}",
@@ -17,11 +24,13 @@ pub fn include_dir() -> Result<PathBuf> {
         nix_uid()
     ));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let h = dir.join("suture.h");
-    if std::fs::read_to_string(&h).ok().as_deref() != Some(SUTURE_H) {
-        let tmp = dir.join(format!("suture.h.{}", std::process::id()));
-        std::fs::write(&tmp, SUTURE_H)?;
-        std::fs::rename(&tmp, &h)?;
+    for (name, text) in HEADERS {
+        let h = dir.join(name);
+        if std::fs::read_to_string(&h).ok().as_deref() != Some(*text) {
+            let tmp = dir.join(format!("{name}.{}", std::process::id()));
+            std::fs::write(&tmp, text)?;
+            std::fs::rename(&tmp, &h)?;
+        }
     }
     Ok(dir)
 }

@@ -144,3 +144,24 @@ fn callbacks_using_malloc_and_stdio_complete_while_threads_allocate() {
         );
     }
 }
+
+#[test]
+fn shadow_variables_work_inside_the_target_and_their_code_comes_and_goes() {
+    let mut l = start(&[]);
+    let pid = l.t.pid();
+    let maps = || std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    assert!(!maps().contains("suture-runtime"));
+    ok(&["apply", &pid, &f("shadow.o"), "--timeout", "60"]);
+    // Loaded with the first patch that uses it.
+    assert!(maps().contains("/memfd:suture-runtime"), "{}", maps());
+    assert_eq!(l.lines(), v(&["shadow api ok"]));
+    // Three threads count their calls in one shadow variable at once.
+    l.t.until("the new fa", |q| q.fa.iter().all(|x| *x == 7));
+    ok(&["disable", &pid, "shadow", "--timeout", "60"]);
+    assert_eq!(
+        l.lines(),
+        v(&["shadow api ok", "shadow calls counted", "shadow freed 1"])
+    );
+    // Released with the last patch that used it.
+    assert!(!maps().contains("suture-runtime"), "{}", maps());
+}

@@ -128,6 +128,7 @@ fn build_all(src: &Path, out: &Path) {
         "patch_p1",
         "patch_p2",
         "patch_p3",
+        "patch_shadow",
     ] {
         run(Command::new(SUTURE)
             .arg("build")
