@@ -129,6 +129,16 @@ struct suture_symbol {
 	struct suture_patch ident __attribute__((used, section(".suture.patch")))
 
 /*
+ * System states (kernel: klp_get_state / klp_get_prev_state): the state
+ * `id` of the newest patch that declares it (the calling patch, in its own
+ * callbacks and functions), and during a transition the state of the patch
+ * before it, so that a cumulative patch can take over what an earlier one
+ * set up. NULL when there is none. Loaded with suture's runtime.
+ */
+struct suture_state *suture_get_state(unsigned long id);
+struct suture_state *suture_get_prev_state(unsigned long id);
+
+/*
  * Shadow variables (kernel: klp_shadow_*): data attached to an existing
  * object of the target without changing its layout, usable from patch
  * functions and callbacks. suture loads the code behind them into the

@@ -94,6 +94,8 @@ pub struct StateDesc {
     pub id: u64,
     pub version: u32,
     pub data: Option<SymRef>,
+    /// Where this `struct suture_state` itself lies.
+    pub desc: SymRef,
 }
 
 /// One `struct suture_symbol` (`SUTURE_SYMBOL(alias, object, name, sympos)`).
@@ -444,7 +446,15 @@ impl<'a> Reader<'a> {
             }
             let version = self.read_u32(sec, at + 8)?;
             let data = self.read_ptr(sec, at + 16, "a state's .data")?;
-            states.push(StateDesc { id, version, data });
+            states.push(StateDesc {
+                id,
+                version,
+                data,
+                desc: SymRef::Section {
+                    index: sec,
+                    offset: at,
+                },
+            });
         }
         Err(invalid(format!(
             "{what} has more than {MAX_ENTRIES} states (missing terminator?)"

@@ -237,6 +237,7 @@ fn prepare(s: &Session, path: &Path) -> Result<Prepared, Error> {
         .map(|st| State {
             id: st.id,
             version: st.version,
+            desc_addr: 0,
         })
         .collect();
     let mut new_sites: Vec<NewSite> = Vec::new();
@@ -639,11 +640,26 @@ fn apply_prepared(
         }
         mo.desc_addr = image.address_of(&od.desc).map_err(Error::Link)?;
     }
+    for (st, sd) in patch.states.iter_mut().zip(&desc.states) {
+        st.desc_addr = image.address_of(&sd.desc).map_err(Error::Link)?;
+    }
 
     test_pause("loaded");
     // kernel: klp_pre_patch_callback, object by object; a failure cancels
     // the enable, and objects whose pre-patch ran get their post-unpatch.
-    let mut callback_log = pre_patch(s, &patch)?;
+    // The states as the new patch's callbacks must see them: its own, and
+    // the previous holder's (kernel: klp_get_state / klp_get_prev_state).
+    let runtime = new_runtime.clone().or_else(|| s.rec.runtime.clone());
+    if let Some(rt) = &runtime {
+        let mut m = s.rec.model.clone();
+        m.begin_enable(patch.clone(), &[])?;
+        crate::runtime::write_states(&s.proc, rt, &m)?;
+    }
+    let pre = pre_patch(s, &patch);
+    if let (Err(_), Some(rt)) = (&pre, &runtime) {
+        let _ = crate::runtime::write_states(&s.proc, rt, &s.rec.model);
+    }
+    let mut callback_log = pre?;
     let text = image.text_range();
     let memory = PatchMemory {
         image: Region {
@@ -719,6 +735,7 @@ fn apply_prepared(
     let (replaced, pending) = match completion {
         Some(c) => {
             callback_log.extend(run_callbacks(s, &c));
+            publish_states(s);
             collect_garbage(s, GC_ATTEMPTS)?;
             s.save()?;
             (c.removed.iter().map(|p| p.name.clone()).collect(), 0)
@@ -887,6 +904,14 @@ fn pre_unpatch(s: &Session, name: &str) -> Result<Vec<String>, Error> {
             })
             .collect()
     })
+}
+
+/// Make the runtime's state table match the record's model (after a
+/// completion: no previous states any more).
+fn publish_states(s: &mut Session) {
+    if let Some(rt) = &s.rec.runtime {
+        let _ = crate::runtime::write_states(&s.proc, rt, &s.rec.model);
+    }
 }
 
 /// Run a completion's callbacks (post-patch or post-unpatch), in order.
@@ -1210,6 +1235,7 @@ pub(crate) fn finish(s: &mut Session, forced: bool) -> Result<Option<Finished>, 
     // kernel: klp_post_patch_callback / klp_post_unpatch_callback, while
     // the code of a removed patch is still mapped.
     let callbacks = run_callbacks(s, &completion);
+    publish_states(s);
     retire_removed(s, &completion.removed);
     s.save()?;
     collect_garbage(s, GC_ATTEMPTS)?;
@@ -1284,6 +1310,9 @@ pub fn disable(pid: i32, name: &str) -> Result<DisableReport, Error> {
     }
     // kernel: klp_pre_unpatch_callback before the transition starts (not
     // at a reversal, where no callback runs).
+    if let Some(rt) = &s.rec.runtime {
+        crate::runtime::write_states(&s.proc, rt, &model)?;
+    }
     let mut callback_log = Vec::new();
     if kind == DisableKind::Started {
         callback_log = pre_unpatch(&s, name)?;
@@ -1369,6 +1398,7 @@ fn commit_immediate(
 ) -> Result<DisableReport, Error> {
     let gone = commit_sites(&mut s, sites, &after, model);
     let callbacks = run_callbacks(&mut s, &completion);
+    publish_states(&mut s);
     retire_removed(&mut s, &completion.removed);
     s.save()?;
     let (freed, kept) = collect_garbage(&mut s, GC_ATTEMPTS)?;

@@ -18,6 +18,8 @@ const OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/suture_runtime.o
 
 /// The functions the runtime provides to patches.
 pub const EXPORTS: &[&str] = &[
+    "suture_get_state",
+    "suture_get_prev_state",
     "suture_shadow_get",
     "suture_shadow_alloc",
     "suture_shadow_get_or_alloc",
@@ -39,6 +41,9 @@ pub struct Loaded {
     pub memory: PatchMemory,
     /// Export name -> address.
     pub exports: BTreeMap<String, u64>,
+    /// The state table suture keeps up to date (`runtime/state.c`).
+    #[serde(default)]
+    pub state_table: u64,
 }
 
 /// Map, link and load the runtime on the borrowed thread.
@@ -77,8 +82,13 @@ pub fn load(h: &mut Hijack<'_>, proc: &Process, objects: &Objects) -> Result<Loa
                 .ok_or_else(|| Error::Other(format!("suture's runtime lacks {name}")))?;
             exports.insert(name.to_string(), image.address_of(&r).map_err(Error::Link)?);
         }
+        let table = lib
+            .global("suture_state_table")
+            .ok_or_else(|| Error::Other("suture's runtime lacks its state table".into()))?;
+        let state_table = image.address_of(&table).map_err(Error::Link)?;
         let text = image.text_range();
         Ok(Loaded {
+            state_table,
             memory: PatchMemory {
                 image: Region {
                     addr: base,
@@ -100,4 +110,42 @@ pub fn load(h: &mut Hijack<'_>, proc: &Process, objects: &Objects) -> Result<Loa
         let _ = h.munmap(base, size);
     }
     loaded
+}
+
+/// Slots of the runtime's state table (`SUTURE_STATE_SLOTS`).
+const STATE_SLOTS: usize = 64;
+
+/// Write the state table for `model`: per state id, the newest listed
+/// patch's state (the patch in transition included) and, during a
+/// transition, the state of the newest patch before it that has the id.
+pub fn write_states(proc: &Process, rt: &Loaded, model: &suture_model::Model) -> Result<(), Error> {
+    let patches = model.patches();
+    let transition_at = model
+        .transition()
+        .and_then(|t| patches.iter().position(|p| p.name == t.patch));
+    let mut ids: Vec<u64> = patches
+        .iter()
+        .flat_map(|p| p.states.iter().map(|s| s.id))
+        .collect();
+    ids.sort();
+    ids.dedup();
+    let newest = |upto: usize, id: u64| {
+        patches[..upto]
+            .iter()
+            .rev()
+            .find_map(|p| p.state(id))
+            .map(|s| s.desc_addr)
+            .unwrap_or(0)
+    };
+    let mut bytes = vec![0u8; STATE_SLOTS * 24];
+    for (i, id) in ids.iter().take(STATE_SLOTS).enumerate() {
+        let cur = newest(patches.len(), *id);
+        let prev = transition_at.map(|t| newest(t, *id)).unwrap_or(0);
+        let slot = &mut bytes[i * 24..i * 24 + 24];
+        slot[..8].copy_from_slice(&id.to_le_bytes());
+        slot[8..16].copy_from_slice(&cur.to_le_bytes());
+        slot[16..24].copy_from_slice(&prev.to_le_bytes());
+    }
+    proc.write_mem(rt.state_table, &bytes)?;
+    Ok(())
 }

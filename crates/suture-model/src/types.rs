@@ -165,6 +165,10 @@ impl Object {
 pub struct State {
     pub id: u64,
     pub version: u32,
+    /// Address of the patch's `struct suture_state` in the target (0 when
+    /// not loaded), for `suture_get_state`.
+    #[serde(default)]
+    pub desc_addr: u64,
 }
 
 /// A patch (kernel: `klp_patch`).

@@ -196,10 +196,18 @@ fn force_marks_every_patch() {
 fn states_compatibility() {
     let mut m = Model::new();
     let mut p1 = patch("p1", false, &[(F, 0xa)]);
-    p1.states.push(State { id: 5, version: 2 });
+    p1.states.push(State {
+        id: 5,
+        version: 2,
+        desc_addr: 0,
+    });
     enable_now(&mut m, p1);
     let mut older = patch("p2", true, &[(F, 0xb)]);
-    older.states.push(State { id: 5, version: 1 });
+    older.states.push(State {
+        id: 5,
+        version: 1,
+        desc_addr: 0,
+    });
     let e = m.check_enable(&older).unwrap_err();
     assert!(e.to_string().contains("is not compatible"), "{e}");
     let missing = patch("p3", true, &[(F, 0xb)]);
@@ -207,7 +215,11 @@ fn states_compatibility() {
     let plain = patch("p4", false, &[(G, 0xb)]);
     assert!(m.check_enable(&plain).is_ok());
     let mut newer = patch("p5", true, &[(F, 0xb)]);
-    newer.states.push(State { id: 5, version: 3 });
+    newer.states.push(State {
+        id: 5,
+        version: 3,
+        desc_addr: 0,
+    });
     assert!(m.check_enable(&newer).is_ok());
 }
 

@@ -165,3 +165,37 @@ fn shadow_variables_work_inside_the_target_and_their_code_comes_and_goes() {
     // Released with the last patch that used it.
     assert!(!maps().contains("suture-runtime"), "{}", maps());
 }
+
+#[test]
+fn states_are_taken_over_by_cumulative_patches_and_older_versions_refused() {
+    let mut l = start(&[]);
+    let pid = l.t.pid();
+    ok(&["apply", &pid, &f("st1.o"), "--timeout", "60"]);
+    ok(&["apply", &pid, &f("st2.o"), "--timeout", "60"]);
+    ok(&["apply", &pid, &f("st3.o"), "--timeout", "60"]);
+    l.t.until("st3's fa", |q| q.fa.iter().all(|x| *x == 13));
+    let st = json(&["status", &pid, "--json"]);
+    assert_eq!(
+        st["patches"][0]["states"],
+        serde_json::json!([{"id": 1, "version": 2}])
+    );
+    // A patch carrying an older version of the state is refused.
+    let err = fails(&["apply", &pid, &f("st0.o")]);
+    assert!(
+        err.contains("is not compatible with the already installed patches"),
+        "{err}"
+    );
+    ok(&["disable", &pid, "st3", "--timeout", "60"]);
+    assert_eq!(
+        l.lines(),
+        v(&[
+            "st1 allocated: st1 data",
+            "st1 post_patch: st1 data",
+            "st2 took over: st1 data",
+            "st2 post_patch: st1 data",
+            "st3 took over: st1 data",
+            "st3 post_patch: st1 data",
+            "st3 freed: st1 data",
+        ])
+    );
+}

@@ -170,6 +170,16 @@ fn build_all(src: &Path, out: &Path) {
             .arg("--")
             .args(defs));
     }
+    for (out, version) in [("st1", 1), ("st2", 1), ("st3", 2), ("st0", 0)] {
+        run(Command::new(SUTURE)
+            .arg("build")
+            .arg(s("patch_state.c"))
+            .arg("-o")
+            .arg(o(&format!("{out}.o")))
+            .arg("--")
+            .arg(format!("-DNAME=\"{out}\""))
+            .arg(format!("-DVERSION={version}")));
+    }
     for name in ["ra", "rb"] {
         run(Command::new(SUTURE)
             .arg("build")
