@@ -199,3 +199,42 @@ fn states_are_taken_over_by_cumulative_patches_and_older_versions_refused() {
         ])
     );
 }
+
+#[test]
+fn callbacks_of_a_shared_library_object() {
+    let lib = fixture("libfixture.so");
+    let arg = format!("lib={}", lib.display());
+    let l = start(&[&arg]);
+    let pid = l.t.pid();
+    ok(&["apply", &pid, &f("cblib.o"), "--timeout", "60"]);
+    ok(&["disable", &pid, "cblib", "--timeout", "60"]);
+    assert_eq!(
+        l.lines(),
+        v(&[
+            "cblib pre_patch libfixture.so",
+            "cblib post_patch libfixture.so",
+            "cblib pre_unpatch libfixture.so",
+            "cblib post_unpatch libfixture.so"
+        ])
+    );
+}
+
+#[test]
+fn a_callback_that_never_returns_fails_the_enable_cleanly() {
+    let mut l = start(&[]);
+    let pid = l.t.pid();
+    let err = fails(&["apply", &pid, &f("cbhang.o")]);
+    assert!(err.contains("pre-patch callback failed"), "{err}");
+    assert!(err.contains("did not complete"), "{err}");
+    // Nothing changed, and every thread still runs.
+    let st = json(&["status", &pid, "--json"]);
+    assert!(st["patches"].as_array().unwrap().is_empty(), "{st:#}");
+    let before = l.t.q();
+    l.t.t.ask("w");
+    let q = l.t.until("the reader to run", |q| {
+        q.reader_count == before.reader_count + 1
+    });
+    assert_eq!(q.reader_last, 1);
+    l.t.until("the others to run", |q| q.pairs > before.pairs);
+    assert!(l.t.t.alive());
+}

@@ -110,7 +110,8 @@ fn build_all(src: &Path, out: &Path) {
     run(cc()
         .args(["-O2", "-g", "-pthread", "-o"])
         .arg(o("consist"))
-        .arg(s("consist.c")));
+        .arg(s("consist.c"))
+        .arg("-ldl"));
     for p in [
         "patch_static",
         "patch_global",
@@ -161,6 +162,8 @@ fn build_all(src: &Path, out: &Path) {
         ("cb2", &["-DNAME=\"cb2\"", "-DFUNC_FH"][..]),
         ("cbfail", &["-DNAME=\"cbfail\"", "-DFAIL_PRE"][..]),
         ("cbr", &["-DNAME=\"cbr\"", "-DFUNC_FA", "-DREPLACE=1"][..]),
+        ("cblib", &["-DNAME=\"cblib\"", "-DLIB"][..]),
+        ("cbhang", &["-DNAME=\"cbhang\"", "-DFUNC_FH", "-DHANG"][..]),
     ] {
         run(Command::new(SUTURE)
             .arg("build")
