@@ -1,5 +1,6 @@
 //! The `suture` command line: a thin layer over `suture-engine`.
 
+mod audit;
 mod build;
 mod demo;
 mod format;
@@ -118,7 +119,10 @@ fn run(cli: Cli) -> Result<()> {
             wait,
             json,
         } => {
-            let r = suture_engine::apply(pid, &patch)?;
+            let r = suture_engine::apply(pid, &patch).map_err(anyhow::Error::from);
+            let label = r.as_ref().map(|r| r.patch.clone()).ok();
+            audit::record("apply", pid, label.as_deref(), Some(&patch), &r);
+            let r = r?;
             let name = r.patch.clone();
             let pending = r.pending;
             transition::finish_command(pid, &name, pending, wait, json, r, format::apply, true)
@@ -129,7 +133,9 @@ fn run(cli: Cli) -> Result<()> {
             wait,
             json,
         } => {
-            let r = suture_engine::disable(pid, &name)?;
+            let r = suture_engine::disable(pid, &name).map_err(anyhow::Error::from);
+            audit::record("disable", pid, Some(&name), None, &r);
+            let r = r?;
             let pending = r.pending;
             // A reversed disable re-enables the patch.
             let present_ok = r.target == "patched";
@@ -145,7 +151,10 @@ fn run(cli: Cli) -> Result<()> {
             )
         }
         Command::Force { pid, json } => {
-            let r = suture_engine::force(pid)?;
+            let r = suture_engine::force(pid).map_err(anyhow::Error::from);
+            let label = r.as_ref().map(|r| r.patch.clone()).ok();
+            audit::record("force", pid, label.as_deref(), None, &r);
+            let r = r?;
             format::print(json, &r, format::force)
         }
         Command::Wait { pid, timeout, json } => transition::wait_command(pid, timeout, json),

@@ -265,3 +265,50 @@ fn unprivileged_user_gets_a_reason() {
     );
     assert!(t.alive());
 }
+
+#[test]
+fn every_change_is_audited_with_who_what_and_the_result() {
+    let mut t = Target::standard("target");
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.jsonl");
+    let run = |args: &[&str]| {
+        Command::new(SUTURE)
+            .args(args)
+            .env("SUTURE_AUDIT_LOG", &log)
+            .output()
+            .unwrap()
+    };
+    let pid = t.pid.to_string();
+    let patch = fixture("static.o");
+    assert!(run(&["apply", &pid, patch.to_str().unwrap()])
+        .status
+        .success());
+    assert!(run(&["disable", &pid, "static"]).status.success());
+    let missing = fixture("missing.o");
+    assert_eq!(
+        run(&["apply", &pid, missing.to_str().unwrap()])
+            .status
+            .code(),
+        Some(1)
+    );
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert_eq!(lines[0]["operation"], "apply");
+    assert_eq!(lines[0]["result"], "ok");
+    assert_eq!(lines[0]["pid"], t.pid);
+    assert_eq!(lines[0]["uid"], 0);
+    assert_eq!(lines[0]["sha256"].as_str().unwrap().len(), 64);
+    assert!(lines[0]["exe"].as_str().unwrap().ends_with("/target"));
+    assert_eq!(lines[1]["operation"], "disable");
+    assert_eq!(lines[2]["result"], "error");
+    assert!(
+        lines[2]["error"].as_str().unwrap().contains("symbol"),
+        "{:?}",
+        lines[2]
+    );
+    assert!(t.alive());
+}
