@@ -595,11 +595,14 @@ fn apply_prepared(
     // Trampolines: the relocated first instructions of each function.
     let mut new_site_records = Vec::new();
     for (ns, slot) in new_sites.iter().zip(&slots) {
-        let code = ns.plan.relocated_original(*slot).map_err(|e| Error::Site {
-            name: ns.name.clone(),
-            addr: ns.func_addr,
-            cause: e,
-        })?;
+        let (code, resume_map) =
+            ns.plan
+                .relocated_original_map(*slot)
+                .map_err(|e| Error::Site {
+                    name: ns.name.clone(),
+                    addr: ns.func_addr,
+                    cause: e,
+                })?;
         if code.len() as u64 > SLOT_STUB {
             return Err(Error::Other(format!(
                 "the relocated entry of '{}' needs {} bytes, more than a slot holds",
@@ -616,6 +619,7 @@ fn apply_prepared(
             original: ns.plan.original.clone(),
             slot: *slot,
             current: ns.plan.original.clone(),
+            resume_map,
         });
     }
 
@@ -983,6 +987,7 @@ fn site_writes(
                 bytes: bytes.clone(),
                 old: site.current.clone(),
                 guard_len: site.overwritten_len() as u64,
+                redirect: site.resume_map.clone(),
             });
             site.current = bytes;
         }

@@ -44,6 +44,11 @@ pub struct Site {
     pub slot: u64,
     /// The bytes currently written at `site_addr`.
     pub current: Vec<u8>,
+    /// Each overwritten instruction's address -> the same instruction in
+    /// the trampoline (where a thread stopped between them is moved when
+    /// the jump is written).
+    #[serde(default)]
+    pub resume_map: Vec<(u64, u64)>,
 }
 
 impl Site {

@@ -197,6 +197,7 @@ pub fn begin(
             old: proc.read_mem(s.addr, stub.bytes.len())?,
             bytes: stub.bytes,
             guard_len: DISPATCH_MAX_LEN as u64,
+            redirect: Vec::new(),
         });
         stubs.insert(addr, s);
     }
@@ -229,6 +230,7 @@ pub fn begin(
             bytes: mirror.bytes(),
             old: old_table.clone(),
             guard_len: 0,
+            redirect: Vec::new(),
         }];
         writes.extend(stub_writes.iter().cloned());
         writes.extend(jumps.iter().cloned());

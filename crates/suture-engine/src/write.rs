@@ -21,6 +21,9 @@ pub struct CodeWrite {
     pub old: Vec<u8>,
     /// A pc strictly inside (addr, addr+len) would be torn by this write.
     pub guard_len: u64,
+    /// Where a thread stopped at one of these pcs inside the bytes can be
+    /// moved instead (the same instruction in the site's relocated copy).
+    pub redirect: Vec<(u64, u64)>,
 }
 
 impl CodeWrite {
@@ -70,7 +73,7 @@ pub fn write_code_with(
 ) -> Result<Option<WriteOutcome>, Error> {
     let mut last_blocker = None;
     for attempt in 0..ATTEMPTS {
-        let stopped = proc.stop_all(STOP_TIMEOUT)?;
+        let mut stopped = proc.stop_all(STOP_TIMEOUT)?;
         let writes = match make(&stopped) {
             Ok(Some(w)) => w,
             Ok(None) => {
@@ -82,12 +85,26 @@ pub fn write_code_with(
                 return Err(e);
             }
         };
-        let blocker = stopped.pcs().into_iter().find_map(|(tid, pc)| {
-            writes
-                .iter()
-                .find(|w| w.tears(pc))
-                .map(|w| (tid, pc, w.addr))
-        });
+        // A thread between two instructions about to be overwritten moves
+        // to the same point of their relocated copy, when there is one.
+        let mut blocker = None;
+        for (tid, pc) in stopped.pcs() {
+            let Some(w) = writes.iter().find(|w| w.tears(pc)) else {
+                continue;
+            };
+            match w.redirect.iter().find(|(from, _)| *from == pc) {
+                Some((_, to)) => {
+                    if let Err(e) = stopped.set_pc(tid, *to) {
+                        stopped.resume()?;
+                        return Err(e.into());
+                    }
+                }
+                None => {
+                    blocker = Some((tid, pc, w.addr));
+                    break;
+                }
+            }
+        }
         if let Some(b) = blocker {
             stopped.resume()?;
             last_blocker = Some(b);

@@ -403,8 +403,18 @@ impl Process {
     /// else an I/O error described by `what`.
     fn mem_result(&self, r: io::Result<()>, what: impl FnOnce() -> String) -> Result<()> {
         r.or_else(|e| {
-            self.ensure_alive()?;
-            Err(Error::io(what(), e))
+            // An exiting process loses its memory before all of its threads
+            // are reported dead (a read then ends early): give the exit a
+            // moment to show.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_millis(200);
+            loop {
+                self.ensure_alive()?;
+                if e.kind() != io::ErrorKind::UnexpectedEof || std::time::Instant::now() >= deadline
+                {
+                    return Err(Error::io(what(), e));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
         })
     }
 

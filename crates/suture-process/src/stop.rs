@@ -276,6 +276,27 @@ impl StoppedProcess<'_> {
         self.threads.get(&tid).copied()
     }
 
+    /// Move a held thread to `pc` (the rest of its registers unchanged):
+    /// used to step a thread out of bytes about to be overwritten into an
+    /// equivalent copy of them.
+    pub fn set_pc(&mut self, tid: Tid, pc: u64) -> Result<()> {
+        let Some(regs) = self.threads.get_mut(&tid) else {
+            return Err(Error::InvalidArgument {
+                what: format!("thread {tid} is not held"),
+            });
+        };
+        let mut new = *regs;
+        new.rip = pc;
+        sys::setregs(tid, &new).map_err(|e| {
+            Error::io(
+                format!("setting the registers of thread {tid}"),
+                std::io::Error::from_raw_os_error(e as i32),
+            )
+        })?;
+        *regs = new;
+        Ok(())
+    }
+
     /// The program counter of every held thread.
     pub fn pcs(&self) -> Vec<(Tid, u64)> {
         self.threads.iter().map(|(&t, r)| (t, r.rip)).collect()

@@ -539,6 +539,14 @@ impl SitePlan {
     /// RIP-relative memory operands must be in range. A branch to the site's
     /// own first instruction stays inside the copy.
     pub fn relocated_original(&self, at: u64) -> Result<Vec<u8>, PlanError> {
+        self.relocated_original_map(at).map(|(code, _)| code)
+    }
+
+    /// [`SitePlan::relocated_original`], plus where each overwritten
+    /// instruction landed: `(original address, address in the copy)`. A
+    /// thread stopped between two overwritten instructions can be moved to
+    /// the same point of the copy, which behaves the same from there on.
+    pub fn relocated_original_map(&self, at: u64) -> Result<(Vec<u8>, Vec<(u64, u64)>), PlanError> {
         let max = self.max_relocated_len();
         let reloc_err = |reason: String| PlanError::Relocation {
             site: self.site_offset(),
@@ -571,7 +579,7 @@ impl SitePlan {
         let result = BlockEncoder::encode(
             64,
             InstructionBlock::new(&block, at),
-            BlockEncoderOptions::NONE,
+            BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
         )
         .map_err(|e| reloc_err(e.to_string()))?;
         let code = result.code_buffer;
@@ -581,7 +589,14 @@ impl SitePlan {
                 code.len()
             )));
         }
-        Ok(code)
+        let map = self
+            .instrs
+            .iter()
+            .zip(&result.new_instruction_offsets)
+            .filter(|(_, off)| **off != u32::MAX)
+            .map(|(ins, off)| (ins.ip(), at + *off as u64))
+            .collect();
+        Ok((code, map))
     }
 
     /// A made-up original address for the appended jump back. The block

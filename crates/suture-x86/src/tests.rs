@@ -595,6 +595,10 @@ fn call_as_last_instruction_accepted() {
     assert_eq!(r[1].code(), Code::Call_rel32_64);
     assert_eq!(r[1].near_branch_target(), callee);
     assert_eq!(r[2].near_branch_target(), FUNC + 9);
+    // Each overwritten instruction maps to its copy (where a thread stopped
+    // between them is moved).
+    let (_, map) = p.relocated_original_map(at).unwrap();
+    assert_eq!(map, vec![(FUNC, r[0].ip()), (FUNC + 4, r[1].ip())]);
     // A thread returning from that call lands right after it in the copy.
     let reloc = p.relocated_original(at).unwrap();
     assert_eq!(crate::call_return_points(&reloc, at), vec![r[1].next_ip()]);

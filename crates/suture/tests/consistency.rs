@@ -6,6 +6,7 @@
 mod common;
 use common::consist::*;
 use common::*;
+use std::time::{Duration, Instant};
 
 #[test]
 fn a_blocked_thread_keeps_the_transition_open_until_it_leaves_the_old_function() {
@@ -247,4 +248,31 @@ fn a_child_forked_during_a_transition_is_consistent_and_completes() {
     assert_eq!(st["transition"]["patch"], "reader");
     t.t.ask("w");
     status_until(&pid, "the parent's transition to complete", no_transition);
+}
+
+#[test]
+fn a_thread_stopped_inside_the_overwritten_bytes_is_moved_not_waited_for() {
+    // The reader blocks in read() at raw_read+4: strictly inside the five
+    // bytes the jump replaces. suture moves it to the same instruction of
+    // the relocated copy instead of waiting (it would wait forever).
+    let mut t = Target::start("parked", &[]);
+    let pid = t.pid.to_string();
+    let q = |t: &mut Target| t.ask("q").trim().to_string();
+    assert_eq!(q(&mut t), "reads=0 last=0");
+    ok(&["apply", &pid, &f("parked.o"), "--no-wait"]);
+    // Its read, restarted in the copy, returns the byte as the original.
+    t.ask("w");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while q(&mut t) != "reads=1 last=1" {
+        assert!(Instant::now() < deadline, "{}", q(&mut t));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Its next call runs the new code, once the transition is done.
+    status_until(&pid, "the transition to complete", no_transition);
+    t.ask("w");
+    while q(&mut t) != "reads=2 last=101" {
+        assert!(Instant::now() < deadline, "{}", q(&mut t));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(t.alive());
 }

@@ -109,6 +109,10 @@ fn build_all(src: &Path, out: &Path) {
     run(cc().args(["-O2", "-o"]).arg(o("tiny")).arg(s("tiny.c")));
     run(cc()
         .args(["-O2", "-g", "-pthread", "-o"])
+        .arg(o("parked"))
+        .arg(s("parked.c")));
+    run(cc()
+        .args(["-O2", "-g", "-pthread", "-o"])
         .arg(o("consist"))
         .arg(s("consist.c"))
         .arg("-ldl"));
@@ -130,6 +134,7 @@ fn build_all(src: &Path, out: &Path) {
         "patch_p2",
         "patch_p3",
         "patch_shadow",
+        "patch_parked",
     ] {
         run(Command::new(SUTURE)
             .arg("build")
