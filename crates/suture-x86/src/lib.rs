@@ -546,7 +546,7 @@ impl SitePlan {
     /// instruction landed: `(original address, address in the copy)`. A
     /// thread stopped between two overwritten instructions can be moved to
     /// the same point of the copy, which behaves the same from there on.
-    pub fn relocated_original_map(&self, at: u64) -> Result<(Vec<u8>, Vec<(u64, u64)>), PlanError> {
+    pub fn relocated_original_map(&self, at: u64) -> Result<(Vec<u8>, ResumeMap), PlanError> {
         let max = self.max_relocated_len();
         let reloc_err = |reason: String| PlanError::Relocation {
             site: self.site_offset(),
@@ -643,6 +643,10 @@ impl SitePlan {
         Ok(bytes)
     }
 }
+
+/// `(original address, address in the relocated copy)` per overwritten
+/// instruction.
+pub type ResumeMap = Vec<(u64, u64)>;
 
 /// Return addresses of the calls in relocated code placed at `at` (as
 /// `SitePlan::relocated_original` made it), up to its first unconditional
