@@ -121,3 +121,45 @@ pub fn new_arena(
         used: Default::default(),
     })
 }
+
+/// Write a linked image at its base and give each of its regions its
+/// final protection (never writable and executable at once).
+pub fn install_image(
+    hijack: &mut Hijack<'_>,
+    proc: &suture_process::Process,
+    image: &suture_elf::LinkedImage,
+    base: u64,
+) -> Result<(), Error> {
+    proc.write_mem(base, &image.bytes)?;
+    for r in &image.regions {
+        let prot = (if r.prot.r { libc::PROT_READ } else { 0 })
+            | (if r.prot.w { libc::PROT_WRITE } else { 0 })
+            | (if r.prot.x { libc::PROT_EXEC } else { 0 });
+        hijack.mprotect(base + r.offset, page_up(r.len), prot)?;
+    }
+    Ok(())
+}
+
+/// The record of an image installed at `base` (`size` bytes mapped).
+pub fn image_memory(
+    image: &suture_elf::LinkedImage,
+    base: u64,
+    size: u64,
+    file: String,
+) -> crate::record::PatchMemory {
+    let text = image.text_range();
+    crate::record::PatchMemory {
+        image: Region {
+            addr: base,
+            len: size,
+        },
+        text: Region {
+            addr: text.0,
+            len: text.1 - text.0,
+        },
+        file,
+        funcs: Vec::new(),
+        eh_frame: image.eh_frame(),
+        uses_runtime: false,
+    }
+}

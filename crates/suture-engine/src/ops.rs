@@ -545,13 +545,7 @@ fn apply_prepared(
         len: size,
     });
     let image = link(&layout, base, &symbols)?;
-    s.proc.write_mem(base, &image.bytes)?;
-    for r in &image.regions {
-        let prot = (if r.prot.r { libc::PROT_READ } else { 0 })
-            | (if r.prot.w { libc::PROT_WRITE } else { 0 })
-            | (if r.prot.x { libc::PROT_EXEC } else { 0 });
-        h.mprotect(base + r.offset, page_up(r.len), prot)?;
-    }
+    memory::install_image(&mut h, &s.proc, &image, base)?;
 
     // Slots for the new sites, in arenas near their objects.
     let mut slots: Vec<u64> = Vec::new();
@@ -664,20 +658,10 @@ fn apply_prepared(
         let _ = crate::runtime::write_states(&s.proc, rt, &s.rec.model);
     }
     let mut callback_log = pre?;
-    let text = image.text_range();
     let memory = PatchMemory {
-        image: Region {
-            addr: base,
-            len: size,
-        },
-        text: Region {
-            addr: text.0,
-            len: text.1 - text.0,
-        },
-        file: path.to_string(),
         funcs: extents,
-        eh_frame: image.eh_frame(),
         uses_runtime,
+        ..memory::image_memory(&image, base, size, path.to_string())
     };
     let mut model = s.rec.model.clone();
     let before = model.site_modes();
@@ -703,17 +687,13 @@ fn apply_prepared(
             s.rec.sites = sites;
             let after = model.site_modes();
             let proc = &s.proc;
-            let jumps = |sites: &BTreeMap<u64, Site>| {
-                let mut sites = sites.clone();
-                let w = site_writes(proc, &mut sites, &before, &after)?;
-                Ok((w, sites))
-            };
+            let jumps = jumps_for(proc, &before, &after);
             if let Err(e) = transition::begin(
                 proc,
                 &mut s.rec,
                 &mut model,
                 table,
-                &jumps,
+                &*jumps,
                 &|_| true,
                 now(),
             ) {
@@ -993,6 +973,19 @@ fn site_writes(
         }
     }
     Ok(writes)
+}
+
+/// The site writes of a transition's start, for [`transition::begin`].
+fn jumps_for<'a>(
+    proc: &'a Process,
+    before: &'a BTreeMap<u64, SiteMode>,
+    after: &'a BTreeMap<u64, SiteMode>,
+) -> Box<transition::SiteWrites<'a>> {
+    Box::new(move |sites: &BTreeMap<u64, Site>| {
+        let mut sites = sites.clone();
+        let w = site_writes(proc, &mut sites, before, after)?;
+        Ok((w, sites))
+    })
 }
 
 /// A jump from the site to `to`: direct when in rel32 reach, else through
@@ -1347,13 +1340,9 @@ pub fn disable(pid: i32, name: &str) -> Result<DisableReport, Error> {
     let fresh_table = (kind == DisableKind::Started).then(|| table.0.clone());
     {
         let proc = &s.proc;
-        let jumps = |sites: &BTreeMap<u64, Site>| {
-            let mut sites = sites.clone();
-            let w = site_writes(proc, &mut sites, &before, &after)?;
-            Ok((w, sites))
-        };
+        let jumps = jumps_for(proc, &before, &after);
         if let Err(e) = transition::begin(
-            proc, &mut s.rec, &mut model, table, &jumps, &*pending, started,
+            proc, &mut s.rec, &mut model, table, &*jumps, &*pending, started,
         ) {
             if let Some(r) = fresh_table {
                 if let Ok(mut h) = s.proc.hijack(HIJACK_TIMEOUT) {

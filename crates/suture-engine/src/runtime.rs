@@ -6,7 +6,7 @@
 
 use crate::memory::{self, page_up};
 use crate::objects::Objects;
-use crate::record::{PatchMemory, Region};
+use crate::record::PatchMemory;
 use crate::resolve::Resolver;
 use crate::Error;
 use std::collections::BTreeMap;
@@ -68,13 +68,7 @@ pub fn load(h: &mut Hijack<'_>, proc: &Process, objects: &Objects) -> Result<Loa
                     .ok_or_else(|| suture_elf::ResolveFailure::new(format!("unresolved {n}")))
             })
             .map_err(Error::Link)?;
-        proc.write_mem(base, &image.bytes)?;
-        for r in &image.regions {
-            let prot = (if r.prot.r { libc::PROT_READ } else { 0 })
-                | (if r.prot.w { libc::PROT_WRITE } else { 0 })
-                | (if r.prot.x { libc::PROT_EXEC } else { 0 });
-            h.mprotect(base + r.offset, page_up(r.len), prot)?;
-        }
+        memory::install_image(h, proc, &image, base)?;
         let mut exports = BTreeMap::new();
         for name in EXPORTS {
             let r = lib
@@ -86,23 +80,9 @@ pub fn load(h: &mut Hijack<'_>, proc: &Process, objects: &Objects) -> Result<Loa
             .global("suture_state_table")
             .ok_or_else(|| Error::Other("suture's runtime lacks its state table".into()))?;
         let state_table = image.address_of(&table).map_err(Error::Link)?;
-        let text = image.text_range();
         Ok(Loaded {
             state_table,
-            memory: PatchMemory {
-                image: Region {
-                    addr: base,
-                    len: size,
-                },
-                text: Region {
-                    addr: text.0,
-                    len: text.1 - text.0,
-                },
-                file: "(suture runtime)".into(),
-                funcs: Vec::new(),
-                eh_frame: image.eh_frame(),
-                uses_runtime: false,
-            },
+            memory: memory::image_memory(&image, base, size, "(suture runtime)".into()),
             exports,
         })
     })();
