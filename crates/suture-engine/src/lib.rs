@@ -22,6 +22,7 @@ pub mod resolve;
 pub mod runtime;
 pub mod store;
 pub mod transition;
+pub mod trust;
 pub mod worker;
 pub mod write;
 

@@ -43,6 +43,10 @@ enum Command {
         patch: PathBuf,
         #[command(flatten)]
         wait: WaitArgs,
+        /// Accept a patch file that others than its owner or root could
+        /// have written (group/world-writable, or in such a directory).
+        #[arg(long)]
+        allow_untrusted: bool,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -90,6 +94,9 @@ enum Command {
     Check {
         pid: i32,
         patch: PathBuf,
+        /// As for `apply`.
+        #[arg(long)]
+        allow_untrusted: bool,
         #[arg(long)]
         json: bool,
     },
@@ -117,9 +124,12 @@ fn run(cli: Cli) -> Result<()> {
             pid,
             patch,
             wait,
+            allow_untrusted,
             json,
         } => {
-            let r = suture_engine::apply(pid, &patch).map_err(anyhow::Error::from);
+            let r = trusted(&patch, allow_untrusted)
+                .and_then(|()| suture_engine::apply(pid, &patch))
+                .map_err(anyhow::Error::from);
             let label = r.as_ref().map(|r| r.patch.clone()).ok();
             audit::record("apply", pid, label.as_deref(), Some(&patch), &r);
             let r = r?;
@@ -166,7 +176,13 @@ fn run(cli: Cli) -> Result<()> {
             let r = suture_engine::list()?;
             format::print(json, &r, format::list)
         }
-        Command::Check { pid, patch, json } => {
+        Command::Check {
+            pid,
+            patch,
+            allow_untrusted,
+            json,
+        } => {
+            trusted(&patch, allow_untrusted)?;
             let r = suture_engine::check(pid, &patch)?;
             format::print(json, &r, format::check)
         }
@@ -178,6 +194,17 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demo => demo::run(),
         Command::Worker { pid } => Ok(suture_engine::worker::run(pid)?),
     }
+}
+
+/// The patch file must be one only its owner or root could have written,
+/// unless the operator allows otherwise.
+fn trusted(patch: &std::path::Path, allow: bool) -> Result<(), suture_engine::Error> {
+    // A missing file is reported by the command itself, after the more
+    // fundamental checks (the process, the right to trace it).
+    if allow || !patch.exists() {
+        return Ok(());
+    }
+    suture_engine::trust::check_patch_file(patch)
 }
 
 /// Commands that operate on a process run at a raised priority (nice -20

@@ -312,3 +312,34 @@ fn every_change_is_audited_with_who_what_and_the_result() {
     );
     assert!(t.alive());
 }
+
+#[test]
+fn patch_files_others_could_have_written_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut t = Target::standard("target");
+    let pid = t.pid.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let patch = dir.path().join("static.o");
+    std::fs::copy(fixture("static.o"), &patch).unwrap();
+    let p = patch.to_str().unwrap();
+    // World-writable file.
+    std::fs::set_permissions(&patch, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let e = fails(&["apply", &pid, p]);
+    assert!(e.contains("writable by group or others"), "{e}");
+    assert!(e.contains("--allow-untrusted"), "{e}");
+    let e = fails(&["check", &pid, p]);
+    assert!(e.contains("writable by group or others"), "{e}");
+    // Group-writable directory (not sticky).
+    std::fs::set_permissions(&patch, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o775)).unwrap();
+    let e = fails(&["apply", &pid, p]);
+    assert!(e.contains(dir.path().to_str().unwrap()), "{e}");
+    let st = json(&["status", &pid, "--json"]);
+    assert!(st["patches"].as_array().unwrap().is_empty());
+    // The operator may override; a safe file needs nothing.
+    ok(&["apply", &pid, p, "--allow-untrusted"]);
+    ok(&["disable", &pid, "static"]);
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    ok(&["apply", &pid, p]);
+    assert!(t.alive());
+}
