@@ -4,6 +4,7 @@ mod audit;
 mod build;
 mod demo;
 mod format;
+mod signing;
 mod transition;
 
 use anyhow::Result;
@@ -47,6 +48,10 @@ enum Command {
         /// have written (group/world-writable, or in such a directory).
         #[arg(long)]
         allow_untrusted: bool,
+        /// Accept the patch only if PATCH.sig verifies with a key in the
+        /// keys directory (SUTURE_KEYS_DIR, default /etc/suture/keys).
+        #[arg(long)]
+        require_signed: bool,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -100,6 +105,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Make an ed25519 key pair: PREFIX.key (secret) and PREFIX.pub (put
+    /// it in the keys directory of the machines that must accept it).
+    Keygen { prefix: PathBuf },
+    /// Sign a patch file with a secret key: writes PATCH.sig.
+    Sign { key: PathBuf, patch: PathBuf },
     /// Compile a C patch with the right flags.
     Build {
         /// C source of the patch.
@@ -125,11 +135,13 @@ fn run(cli: Cli) -> Result<()> {
             patch,
             wait,
             allow_untrusted,
+            require_signed,
             json,
         } => {
             let r = trusted(&patch, allow_untrusted)
-                .and_then(|()| suture_engine::apply(pid, &patch))
-                .map_err(anyhow::Error::from);
+                .map_err(anyhow::Error::from)
+                .and_then(|()| signed(&patch, require_signed))
+                .and_then(|()| suture_engine::apply(pid, &patch).map_err(anyhow::Error::from));
             let label = r.as_ref().map(|r| r.patch.clone()).ok();
             audit::record("apply", pid, label.as_deref(), Some(&patch), &r);
             let r = r?;
@@ -191,6 +203,21 @@ fn run(cli: Cli) -> Result<()> {
             println!("built {}", out.display());
             Ok(())
         }
+        Command::Keygen { prefix } => {
+            let (secret, public) = signing::keygen(&prefix)?;
+            println!(
+                "secret key {} (keep it private); public key {} (copy it to {} where patches must be accepted)",
+                secret.display(),
+                public.display(),
+                signing::keys_dir().display()
+            );
+            Ok(())
+        }
+        Command::Sign { key, patch } => {
+            let sig = signing::sign(&key, &patch)?;
+            println!("signed {}: {}", patch.display(), sig.display());
+            Ok(())
+        }
         Command::Demo => demo::run(),
         Command::Worker { pid } => Ok(suture_engine::worker::run(pid)?),
     }
@@ -205,6 +232,14 @@ fn trusted(patch: &std::path::Path, allow: bool) -> Result<(), suture_engine::Er
         return Ok(());
     }
     suture_engine::trust::check_patch_file(patch)
+}
+
+/// With --require-signed, the patch's detached signature must verify.
+fn signed(patch: &std::path::Path, require: bool) -> Result<()> {
+    if require {
+        signing::verify(patch)?;
+    }
+    Ok(())
 }
 
 /// Commands that operate on a process run at a raised priority (nice -20

@@ -343,3 +343,56 @@ fn patch_files_others_could_have_written_are_refused() {
     ok(&["apply", &pid, p]);
     assert!(t.alive());
 }
+
+#[test]
+fn require_signed_accepts_only_patches_signed_with_a_known_key() {
+    let mut t = Target::standard("target");
+    let pid = t.pid.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    std::fs::create_dir(&keys).unwrap();
+    let patch = dir.path().join("static.o");
+    std::fs::copy(fixture("static.o"), &patch).unwrap();
+    let p = patch.to_str().unwrap();
+    let k = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    ok(&["keygen", &k("trusted")]);
+    ok(&["keygen", &k("other")]);
+    std::fs::rename(dir.path().join("trusted.pub"), keys.join("trusted.pub")).unwrap();
+    let run = |args: &[&str]| {
+        Command::new(SUTURE)
+            .args(args)
+            .env("SUTURE_KEYS_DIR", &keys)
+            .output()
+            .unwrap()
+    };
+    let refused = |args: &[&str], what: &str| {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(e.contains(what), "{e}");
+    };
+    refused(&["apply", &pid, p, "--require-signed"], "has no signature");
+    ok(&["sign", &k("other.key"), p]);
+    refused(
+        &["apply", &pid, p, "--require-signed"],
+        "verifies with none",
+    );
+    ok(&["sign", &k("trusted.key"), p]);
+    assert!(run(&["apply", &pid, p, "--require-signed"])
+        .status
+        .success());
+    assert!(run(&["disable", &pid, "static"]).status.success());
+    // A changed signature (or file) no longer verifies.
+    let sig = format!("{p}.sig");
+    let mut text = std::fs::read_to_string(&sig).unwrap();
+    let flipped = if text.starts_with('0') { "1" } else { "0" };
+    text.replace_range(0..1, flipped);
+    std::fs::write(&sig, text).unwrap();
+    refused(
+        &["apply", &pid, p, "--require-signed"],
+        "verifies with none",
+    );
+    let st = json(&["status", &pid, "--json"]);
+    assert!(st["patches"].as_array().unwrap().is_empty());
+    assert!(t.alive());
+}
