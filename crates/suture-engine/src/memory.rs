@@ -123,7 +123,10 @@ pub fn new_arena(
 }
 
 /// Write a linked image at its base and give each of its regions its
-/// final protection (never writable and executable at once).
+/// final protection. Images are mapped read+execute from the start and
+/// written through `/proc/PID/mem`, so no region ever gains execute
+/// permission: that works in processes with memory-deny-write-execute
+/// (`PR_SET_MDWE`), and nothing is ever writable and executable at once.
 pub fn install_image(
     hijack: &mut Hijack<'_>,
     proc: &suture_process::Process,

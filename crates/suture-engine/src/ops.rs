@@ -534,11 +534,11 @@ fn apply_prepared(
     let near_base = if std::env::var_os("SUTURE_TEST_FAR_IMAGE").is_some() {
         None
     } else {
-        memory::map_near(&mut h, &maps, &name, size, near, memory::PROT_RW)?
+        memory::map_near(&mut h, &maps, &name, size, near, memory::PROT_RX)?
     };
     let base = match near_base {
         Some(a) => a,
-        None => memory::create_named_mapping(&mut h, &name, size, None, memory::PROT_RW, false)?,
+        None => memory::create_named_mapping(&mut h, &name, size, None, memory::PROT_RX, false)?,
     };
     undo.regions.push(Region {
         addr: base,

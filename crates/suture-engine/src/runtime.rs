@@ -58,7 +58,7 @@ pub fn load(h: &mut Hijack<'_>, proc: &Process, objects: &Objects) -> Result<Loa
         symbols.insert(name, a);
     }
     let size = page_up(layout.size());
-    let base = memory::create_named_mapping(h, NAME, size, None, memory::PROT_RW, false)?;
+    let base = memory::create_named_mapping(h, NAME, size, None, memory::PROT_RX, false)?;
     let loaded = (|| {
         let image = layout
             .link(base, &mut |n: &str| {

@@ -241,3 +241,18 @@ fn two_hundred_replace_cycles_keep_memory_flat() {
     assert_eq!(names(&st), vec!["rb"], "the last of the 200 (odd) is rb");
     assert!(t.t.alive());
 }
+
+#[test]
+fn a_target_with_memory_deny_write_execute_is_patched() {
+    // PR_SET_MDWE forbids giving memory execute permission it did not have:
+    // suture maps its code read+execute from the start and writes it
+    // through /proc/PID/mem, so the patch goes in anyway.
+    // (The target exits at once if the prctl fails: it is in force.)
+    let mut t = Consist::start(&["mdwe"]);
+    let pid = t.pid();
+    ok(&["apply", &pid, &f("p2.o"), "--timeout", "60"]);
+    t.until("p2 in effect", |q| q.fh.iter().all(|v| *v == 201));
+    ok(&["disable", &pid, "p2", "--timeout", "60"]);
+    t.until("the original fh", |q| q.fh.iter().all(|v| *v == 101));
+    assert!(t.t.alive());
+}
