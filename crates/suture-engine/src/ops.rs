@@ -1074,12 +1074,15 @@ fn collect_garbage(s: &mut Session, attempts: u32) -> Result<(u64, u64), Error> 
         // A pending table stays while a thread may be inside a dispatch
         // stub (which reads it) or holds a pointer into it.
         let tables = s.rec.retired_regions.clone();
+        // Every slot still mapped counts, retired ones included: a thread
+        // may still be inside the dispatch stub of a site just removed.
         let stubs: Vec<Region> = s
             .rec
-            .sites
-            .values()
-            .map(|x| Region {
-                addr: x.slot + SLOT_DISPATCH,
+            .arenas
+            .iter()
+            .flat_map(|a| a.used.keys().map(|i| a.slot_addr(*i)).collect::<Vec<_>>())
+            .map(|slot| Region {
+                addr: slot + SLOT_DISPATCH,
                 len: memory::SLOT_SIZE - SLOT_DISPATCH,
             })
             .collect();
