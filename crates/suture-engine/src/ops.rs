@@ -679,7 +679,7 @@ fn apply_prepared(
             let c = model.complete()?;
             let after = model.site_modes();
             let writes = site_writes(&s.proc, &mut sites, &before, &after)?;
-            write_code(&s.proc, &writes, &[])?;
+            write_code(&s.proc, &writes)?;
             s.rec.sites = sites;
             completion = Some(c);
         }
@@ -1219,7 +1219,7 @@ pub(crate) fn finish(s: &mut Session, forced: bool) -> Result<Option<Finished>, 
         }
         Ok(Some(writes.clone()))
     };
-    if write_code_with(&s.proc, &mut make, &[])?.is_none() {
+    if !write_code_with(&s.proc, &mut make)? {
         let tr = s.rec.transition.as_mut().expect("checked");
         for (tid, tp) in orphans {
             s.rec.model.add_pending_thread(tid);
@@ -1304,7 +1304,7 @@ pub fn disable(pid: i32, name: &str) -> Result<DisableReport, Error> {
         let after = model.site_modes();
         let mut sites = s.rec.sites.clone();
         let writes = site_writes(&s.proc, &mut sites, &before, &after)?;
-        write_code(&s.proc, &writes, &[])?;
+        write_code(&s.proc, &writes)?;
         s.rec.transition = None;
         // Reuse finish's bookkeeping by replaying it on a completed model.
         return commit_immediate(s, model, sites, after, completion, name, reversed);

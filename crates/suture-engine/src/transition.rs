@@ -236,7 +236,7 @@ pub fn begin(
         writes.extend(jumps.iter().cloned());
         Ok(Some(writes))
     };
-    write_code_with(proc, &mut make, &[])?;
+    write_code_with(proc, &mut make)?;
     sync_model(model, &seen);
     rec.sites = sites;
     rec.transition = Some(TransitionRecord {

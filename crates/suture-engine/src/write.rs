@@ -3,9 +3,10 @@
 //! Every thread is stopped, each one's program counter is checked against
 //! the bytes about to change (a thread stopped between two of the
 //! instructions a jump overwrites would resume in the middle of the new
-//! jump), the bytes are written, and every thread resumes. While the
-//! threads are stopped anyway, the same stop tells which retired memory no
-//! thread can still be running or returning into.
+//! jump: it is moved to the same instruction of the relocated copy), the
+//! bytes are written, and every thread resumes. [`unused_regions`] uses a
+//! stop of its own to tell which retired memory no thread can still be
+//! running or returning into.
 
 use crate::record::Region;
 use crate::Error;
@@ -32,30 +33,19 @@ impl CodeWrite {
     }
 }
 
-/// Result of a write: which of the regions asked about are free of threads.
-pub struct WriteOutcome {
-    pub free: Vec<bool>,
-}
-
 const ATTEMPTS: u32 = 200;
 const STOP_TIMEOUT: Duration = Duration::from_secs(3);
 /// Largest stack suffix scanned per thread for return addresses.
 const STACK_SCAN: usize = 8 << 20;
 
-/// Stop every thread, make sure none is inside the bytes to change, write
-/// them, resume. `unused` asks which regions no thread is executing in or
-/// holds a pointer into (pc, registers, or any word of its stack):
-/// conservative, so a "free" answer is safe to unmap.
-pub fn write_code(
-    proc: &Process,
-    writes: &[CodeWrite],
-    unused: &[Region],
-) -> Result<WriteOutcome, Error> {
-    if writes.is_empty() && unused.is_empty() {
-        return Ok(WriteOutcome { free: vec![] });
+/// Stop every thread, make sure none is inside the bytes to change (moving
+/// a thread between overwritten instructions to their relocated copy),
+/// write them, resume.
+pub fn write_code(proc: &Process, writes: &[CodeWrite]) -> Result<(), Error> {
+    if writes.is_empty() {
+        return Ok(());
     }
-    write_code_with(proc, &mut |_| Ok(Some(writes.to_vec())), unused)
-        .map(|o| o.expect("never declined"))
+    write_code_with(proc, &mut |_| Ok(Some(writes.to_vec()))).map(|_| ())
 }
 
 /// Computes the writes from the held threads, or declines (`None`).
@@ -65,12 +55,9 @@ pub type MakeWrites<'a> =
 /// Like [`write_code`], but the writes are computed while every thread is
 /// held, from what the stop shows (each thread's registers, e.g. its
 /// thread pointer). `make` may decline (`None`): every thread is resumed
-/// and nothing is written. It may run more than once (once per attempt).
-pub fn write_code_with(
-    proc: &Process,
-    make: &mut MakeWrites<'_>,
-    unused: &[Region],
-) -> Result<Option<WriteOutcome>, Error> {
+/// and nothing is written (false). It may run more than once (once per
+/// attempt).
+pub fn write_code_with(proc: &Process, make: &mut MakeWrites<'_>) -> Result<bool, Error> {
     let mut last_blocker = None;
     for attempt in 0..ATTEMPTS {
         let mut stopped = proc.stop_all(STOP_TIMEOUT)?;
@@ -78,7 +65,7 @@ pub fn write_code_with(
             Ok(Some(w)) => w,
             Ok(None) => {
                 stopped.resume()?;
-                return Ok(None);
+                return Ok(false);
             }
             Err(e) => {
                 stopped.resume()?;
@@ -111,13 +98,6 @@ pub fn write_code_with(
             std::thread::sleep(Duration::from_micros(200 * (attempt as u64 + 1).min(50)));
             continue;
         }
-        let free = match scan_unused(proc, &stopped, unused) {
-            Ok(f) => f,
-            Err(e) => {
-                stopped.resume()?;
-                return Err(e);
-            }
-        };
         let mut done = 0;
         let mut failure = None;
         for w in &writes {
@@ -136,7 +116,7 @@ pub fn write_code_with(
             return Err(e.into());
         }
         stopped.resume()?;
-        return Ok(Some(WriteOutcome { free }));
+        return Ok(true);
     }
     let (tid, pc, addr) = last_blocker.expect("loop ran");
     Err(Error::SiteBusy(format!(
@@ -158,14 +138,6 @@ pub fn unused_regions(
     let result = scan(proc, &stopped, regions, checker);
     stopped.resume()?;
     result
-}
-
-fn scan_unused(
-    proc: &Process,
-    stopped: &StoppedProcess<'_>,
-    regions: &[Region],
-) -> Result<Vec<bool>, Error> {
-    scan(proc, stopped, regions, None)
 }
 
 fn scan(
