@@ -165,7 +165,7 @@ int main(int argc, char **argv)
 	for (int i = 0; i < N; i++)
 		while (!T[i].running)
 			usleep(1000);
-	printf("ready %d work=%p sleep_ns=%ld\n", getpid(), (void *)work, sleep_ns);
+	printf("ready %d work=%p sleep_ns=%ld base=%ld\n", getpid(), (void *)work, sleep_ns, base);
 	fflush(stdout);
 	char line[64];
 	while (fgets(line, sizeof line, stdin)) {

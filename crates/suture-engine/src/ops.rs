@@ -462,6 +462,7 @@ struct Undo {
 
 /// Load and enable a patch.
 pub fn apply(pid: i32, path: &Path) -> Result<ApplyReport, Error> {
+    Held::take();
     // Permission first: it is the more fundamental answer.
     Process::open(pid)?.check_permission()?;
     let name = read_patch(path)?.descriptor().name.clone();
@@ -482,7 +483,10 @@ pub fn apply(pid: i32, path: &Path) -> Result<ApplyReport, Error> {
             }
         }
     }
-    result
+    result.map(|r| ApplyReport {
+        held: Held::take(),
+        ..r
+    })
 }
 
 fn apply_prepared(
@@ -775,6 +779,7 @@ fn apply_prepared(
         replaced,
         pending,
         callbacks: callback_log,
+        held: Held::default(),
     })
 }
 
@@ -1286,6 +1291,14 @@ fn intent_for(pid: i32, name: &str) -> Result<Intent<'_>, Error> {
 
 /// Disable a patch (or reverse its transition if it is in one).
 pub fn disable(pid: i32, name: &str) -> Result<DisableReport, Error> {
+    Held::take();
+    disable_inner(pid, name).map(|r| DisableReport {
+        held: Held::take(),
+        ..r
+    })
+}
+
+fn disable_inner(pid: i32, name: &str) -> Result<DisableReport, Error> {
     let mut s = Session::open(pid, intent_for(pid, name)?)?;
     if s.store.is_none() {
         return Err(Error::NoState(pid));
@@ -1380,6 +1393,7 @@ pub fn disable(pid: i32, name: &str) -> Result<DisableReport, Error> {
         deferred_bytes: kept,
         pending,
         callbacks: callback_log,
+        held: Held::default(),
     })
 }
 
@@ -1410,6 +1424,7 @@ fn commit_immediate(
         deferred_bytes: kept,
         pending: 0,
         callbacks,
+        held: Held::default(),
     })
 }
 

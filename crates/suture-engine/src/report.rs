@@ -272,6 +272,8 @@ pub struct ApplyReport {
     pub pending: usize,
     /// What the patch's callbacks did (those run by this command).
     pub callbacks: Vec<String>,
+    /// How long this command kept the target's threads from running.
+    pub held: Held,
 }
 
 #[derive(Debug, Serialize)]
@@ -292,6 +294,40 @@ pub struct DisableReport {
     /// Memory released now, and memory kept because a thread may still use it.
     pub freed_bytes: u64,
     pub deferred_bytes: u64,
+    /// How long this command kept the target's threads from running.
+    pub held: Held,
+}
+
+/// How long a command kept the target's threads from running (its own
+/// stops only: a transition's worker reports in its log).
+#[derive(Debug, Default, Serialize, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    /// Whole-process stops (a transition's start and end), the most threads
+    /// one held, the longest any thread waited in one (µs), and the longest
+    /// time all threads were stopped at once (µs).
+    pub whole_stops: u32,
+    pub whole_threads: usize,
+    pub whole_held_us: u64,
+    pub whole_all_us: u64,
+    /// Stops of a single thread while the others ran (its own check, or
+    /// borrowed to run system calls), and the longest (µs).
+    pub thread_stops: u64,
+    pub thread_held_us: u64,
+}
+
+impl Held {
+    /// What this thread's stops cost since the last call.
+    pub(crate) fn take() -> Held {
+        let h = suture_process::take_hold_stats();
+        Held {
+            whole_stops: h.whole_stops,
+            whole_threads: h.whole_threads,
+            whole_held_us: h.whole_held.as_micros() as u64,
+            whole_all_us: h.whole_all.as_micros() as u64,
+            thread_stops: h.thread_stops,
+            thread_held_us: h.thread_held.as_micros() as u64,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]

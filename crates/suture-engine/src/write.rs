@@ -4,8 +4,8 @@
 //! the bytes about to change (a thread stopped between two of the
 //! instructions a jump overwrites would resume in the middle of the new
 //! jump: it is moved to the same instruction of the relocated copy), the
-//! bytes are written, and every thread resumes. [`unused_regions`] uses a
-//! stop of its own to tell which retired memory no thread can still be
+//! bytes are written, and every thread resumes. [`unused_regions`] tells,
+//! one thread at a time, which retired memory no thread can still be
 //! running or returning into.
 
 use crate::record::Region;
@@ -124,25 +124,23 @@ pub fn write_code_with(proc: &Process, make: &mut MakeWrites<'_>) -> Result<bool
     )))
 }
 
-/// Which of `regions` no thread can be executing in or return into, asked
-/// in one whole-process stop. With a `checker`, a thread whose stack
-/// unwinds reliably is judged by its program counter, registers and return
-/// addresses only (precise: stale words in its stack do not count); other
-/// threads by every word of their live stack (conservative).
+/// How long to wait for one thread to stop for its examination.
+const THREAD_STOP_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Which of `regions` no thread can be executing in or return into.
+///
+/// The regions must be retired: nothing the target can reach any more
+/// leads into them (no site jumps there). A thread seen outside them
+/// then stays outside, so each thread is stopped and examined on its own
+/// while the others run; no whole-process stop. Threads created meanwhile
+/// are examined too (a listing pass that finds none ends the walk).
+///
+/// With a `checker`, a thread whose stack unwinds reliably is judged by its
+/// program counter, registers and return addresses only (precise: stale
+/// words in its stack do not count); other threads by every word of their
+/// live stack (conservative).
 pub fn unused_regions(
     proc: &Process,
-    regions: &[Region],
-    checker: Option<&crate::check::Checker>,
-) -> Result<Vec<bool>, Error> {
-    let stopped = proc.stop_all(STOP_TIMEOUT)?;
-    let result = scan(proc, &stopped, regions, checker);
-    stopped.resume()?;
-    result
-}
-
-fn scan(
-    proc: &Process,
-    stopped: &StoppedProcess<'_>,
     regions: &[Region],
     checker: Option<&crate::check::Checker>,
 ) -> Result<Vec<bool>, Error> {
@@ -150,47 +148,83 @@ fn scan(
     if regions.is_empty() {
         return Ok(free);
     }
-    for tid in stopped.threads() {
-        let Some(regs) = stopped.regs(tid) else {
-            continue;
-        };
-        let gprs = [
-            regs.rip, regs.rsp, regs.rbp, regs.rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi,
-            regs.rdi, regs.r8, regs.r9, regs.r10, regs.r11, regs.r12, regs.r13, regs.r14, regs.r15,
-        ];
-        let mark = |free: &mut Vec<bool>, v: u64| {
-            for (i, r) in regions.iter().enumerate() {
-                if r.contains(v) {
-                    free[i] = false;
-                }
-            }
-        };
-        for v in gprs {
-            mark(&mut free, v);
+    let mut tracer = proc.tracer();
+    let mut seen = std::collections::BTreeSet::new();
+    loop {
+        let fresh: Vec<_> = proc
+            .threads()?
+            .into_iter()
+            .filter(|t| seen.insert(*t))
+            .collect();
+        if fresh.is_empty() {
+            break;
         }
-        if let Some(c) = checker {
-            let unwind = c.unwind(
-                proc,
-                &suture_unwind::Regs {
-                    pc: regs.rip,
-                    sp: regs.rsp,
-                    bp: regs.rbp,
-                },
-                &|_| suture_unwind::Special::None,
-            );
-            if unwind.is_complete() {
-                for f in &unwind.frames {
-                    mark(&mut free, f.pc);
-                    mark(&mut free, f.lookup);
-                }
-                continue;
+        for tid in fresh {
+            let regs = match tracer.stop(tid, THREAD_STOP_TIMEOUT) {
+                Ok(r) => r,
+                // Gone: it can no longer be anywhere.
+                Err(suture_process::Error::ThreadExited { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let marked = mark_thread(proc, &regs, regions, checker, &mut free);
+            let detached = tracer.detach(tid);
+            marked?;
+            match detached {
+                Ok(()) | Err(suture_process::Error::ThreadExited { .. }) => {}
+                Err(e) => return Err(e.into()),
             }
-        }
-        // Scan from below the red zone: a leaf may keep data there.
-        let (_, stack) = read_stack(proc, regs.rsp.saturating_sub(128), STACK_SCAN)?;
-        for w in stack.chunks_exact(8) {
-            mark(&mut free, u64::from_le_bytes(w.try_into().unwrap()));
+            if free.iter().all(|f| !f) {
+                return Ok(free);
+            }
         }
     }
     Ok(free)
+}
+
+/// Marks the regions one thread (held, with registers `regs`) may be in.
+fn mark_thread(
+    proc: &Process,
+    regs: &libc::user_regs_struct,
+    regions: &[Region],
+    checker: Option<&crate::check::Checker>,
+    free: &mut [bool],
+) -> Result<(), Error> {
+    let gprs = [
+        regs.rip, regs.rsp, regs.rbp, regs.rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi,
+        regs.r8, regs.r9, regs.r10, regs.r11, regs.r12, regs.r13, regs.r14, regs.r15,
+    ];
+    let mut mark = |v: u64| {
+        for (i, r) in regions.iter().enumerate() {
+            if r.contains(v) {
+                free[i] = false;
+            }
+        }
+    };
+    for v in gprs {
+        mark(v);
+    }
+    if let Some(c) = checker {
+        let unwind = c.unwind(
+            proc,
+            &suture_unwind::Regs {
+                pc: regs.rip,
+                sp: regs.rsp,
+                bp: regs.rbp,
+            },
+            &|_| suture_unwind::Special::None,
+        );
+        if unwind.is_complete() {
+            for f in &unwind.frames {
+                mark(f.pc);
+                mark(f.lookup);
+            }
+            return Ok(());
+        }
+    }
+    // Scan from below the red zone: a leaf may keep data there.
+    let (_, stack) = read_stack(proc, regs.rsp.saturating_sub(128), STACK_SCAN)?;
+    for w in stack.chunks_exact(8) {
+        mark(u64::from_le_bytes(w.try_into().unwrap()));
+    }
+    Ok(())
 }

@@ -112,20 +112,24 @@ pub struct Hijack<'p> {
     /// reached the thread during a call) that arrived while we held the
     /// thread, to re-inject on release. At most one per signal number.
     held_signals: Vec<libc::siginfo_t>,
+    /// When the thread was asked to stop.
+    started: Instant,
     _not_send: PhantomData<*const ()>,
 }
 
 impl Process {
-    /// Seizes and interrupts one thread (the main thread first; if it cannot
-    /// be stopped within its share of `timeout`, e.g. because it is in
-    /// uninterruptible sleep, others), and saves its registers.
+    /// Seizes and interrupts one thread and saves its registers. Threads
+    /// blocked in a system call come first (borrowing one costs it
+    /// nothing unless its wait ends meanwhile), the main thread before the
+    /// others; if one cannot be stopped within its share of `timeout` (e.g.
+    /// uninterruptible sleep), the next is tried.
     pub fn hijack(&self, timeout: Duration) -> Result<Hijack<'_>> {
         sys::release_abandoned(Duration::ZERO);
         self.ensure_alive()?;
-        self.check_no_other_tracer()?;
         let deadline = Instant::now() + timeout;
-        // Candidates: the main thread, then others; threads in
-        // uninterruptible sleep last and zombies not at all.
+        // Candidates: sleeping threads, then running ones, the main thread
+        // first in each; threads in uninterruptible sleep last and zombies
+        // not at all.
         let mut candidates: Vec<(u8, Tid)> = self
             .threads()?
             .into_iter()
@@ -134,13 +138,11 @@ impl Process {
                 if stat.is_dead() {
                     return None;
                 }
-                let rank = if stat.state == 'D' {
-                    2
-                } else if tid == self.pid() {
-                    0
-                } else {
-                    1
-                };
+                let rank = match stat.state {
+                    'D' => 4,
+                    'S' => 0,
+                    _ => 2,
+                } + u8::from(tid != self.pid());
                 Some((rank, tid))
             })
             .collect();
@@ -181,7 +183,8 @@ impl Process {
 
     /// Like [`Process::hijack`], but borrows the given thread.
     pub fn hijack_thread(&self, tid: Tid, timeout: Duration) -> Result<Hijack<'_>> {
-        let deadline = Instant::now() + timeout;
+        let started = Instant::now();
+        let deadline = started + timeout;
         if let Err(errno) = sys::seize(tid, false) {
             return Err(self.seize_error(tid, errno));
         }
@@ -245,6 +248,7 @@ impl Process {
             syscall_insn: None,
             timeout: DEFAULT_SYSCALL_TIMEOUT,
             held_signals: Vec::new(),
+            started,
             _not_send: PhantomData,
         };
         if let Err(errno) = sys::setsigmask(tid, HIJACK_MASK) {
@@ -307,7 +311,11 @@ impl Process {
                 if self.thread_stat(tid).is_none_or(|s| s.is_dead()) {
                     return self.vanished(tid);
                 }
-                if self.tracer_of(tid) == Some(sys::gettid()) {
+                let tracer = self.tracer_of(tid);
+                if let Some(other) = tracer.filter(|&t| t != sys::gettid()) {
+                    return self.already_traced(other);
+                }
+                if tracer.is_some() {
                     return Error::InvalidArgument {
                         what: format!(
                             "thread {tid} of process {} is already held by this thread (an active Hijack or StoppedProcess)",
@@ -789,6 +797,9 @@ impl Hijack<'_> {
     fn release_inner(&mut self) -> Result<()> {
         let tid = self.tid;
         let state = std::mem::replace(&mut self.state, State::Gone);
+        if !matches!(state, State::Gone) {
+            crate::hold::record_thread(self.started.elapsed());
+        }
         match state {
             State::Gone => {
                 sys::reap(tid, Duration::from_millis(50));

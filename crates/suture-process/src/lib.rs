@@ -31,6 +31,7 @@ use std::time::Duration;
 
 mod gap;
 mod hijack;
+mod hold;
 mod procfs;
 mod stop;
 mod sys;
@@ -41,6 +42,7 @@ pub use gap::{
     USER_SPACE_END,
 };
 pub use hijack::{Hijack, DEFAULT_SYSCALL_TIMEOUT};
+pub use hold::{take_hold_stats, HoldStats};
 pub use nix::errno::Errno;
 pub use stop::StoppedProcess;
 pub use tracer::{Resume, TraceEvent, Tracer};

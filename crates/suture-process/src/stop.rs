@@ -38,6 +38,10 @@ pub struct StoppedProcess<'p> {
     process: &'p Process,
     threads: BTreeMap<Tid, libc::user_regs_struct>,
     done: bool,
+    /// When the first thread was asked to stop.
+    first_interrupt: Instant,
+    /// When the last thread was seen stopped.
+    all_stopped: Instant,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -48,10 +52,10 @@ impl Process {
     pub fn stop_all(&self, timeout: Duration) -> Result<StoppedProcess<'_>> {
         sys::release_abandoned(Duration::ZERO);
         self.ensure_alive()?;
-        self.check_no_other_tracer()?;
         let deadline = Instant::now() + timeout;
         let mut attached: BTreeMap<Tid, ThreadState> = BTreeMap::new();
-        match self.stop_all_inner(&mut attached, deadline, timeout) {
+        let mut first_interrupt = None;
+        match self.stop_all_inner(&mut attached, &mut first_interrupt, deadline, timeout) {
             Ok(()) => {
                 let threads = attached
                     .into_iter()
@@ -60,10 +64,13 @@ impl Process {
                         ThreadState::Running => None,
                     })
                     .collect();
+                let all_stopped = Instant::now();
                 Ok(StoppedProcess {
                     process: self,
                     threads,
                     done: false,
+                    first_interrupt: first_interrupt.unwrap_or(all_stopped),
+                    all_stopped,
                     _not_send: PhantomData,
                 })
             }
@@ -74,15 +81,19 @@ impl Process {
         }
     }
 
+    /// Seizes every listed thread first (which does not stop it), then asks
+    /// them all to stop in one quick pass, so the first thread stopped
+    /// waits only for the others to reach their stop, not for our seizing.
     fn stop_all_inner(
         &self,
         attached: &mut BTreeMap<Tid, ThreadState>,
+        first_interrupt: &mut Option<Instant>,
         deadline: Instant,
         timeout: Duration,
     ) -> Result<()> {
         let me = sys::gettid();
         loop {
-            let mut found_new = false;
+            let mut seized = Vec::new();
             for tid in self.threads()? {
                 if attached.contains_key(&tid) {
                     continue;
@@ -90,17 +101,15 @@ impl Process {
                 match sys::seize(tid, true) {
                     Ok(()) => {
                         attached.insert(tid, ThreadState::Running);
-                        // ESRCH here: it is dying; the wait below reaps it.
-                        let _ = sys::interrupt(tid);
-                        found_new = true;
+                        seized.push(tid);
                     }
                     // Exited since the listing.
                     Err(Errno::ESRCH) => {}
                     Err(Errno::EPERM) if self.tracer_of(tid) == Some(me) => {
                         // Auto-attached through PTRACE_O_TRACECLONE before we
-                        // saw its creator's clone event.
+                        // saw its creator's clone event (its first stop is
+                        // coming on its own).
                         attached.insert(tid, ThreadState::Running);
-                        found_new = true;
                     }
                     Err(errno) => {
                         if self.thread_stat(tid).is_none_or(|s| s.is_dead()) {
@@ -110,10 +119,16 @@ impl Process {
                     }
                 }
             }
-            let all_stopped = attached
-                .values()
-                .all(|s| matches!(s, ThreadState::Stopped(_)));
-            if !found_new && all_stopped {
+            let found_new =
+                !seized.is_empty() || attached.values().any(|s| matches!(s, ThreadState::Running));
+            if !seized.is_empty() {
+                first_interrupt.get_or_insert_with(Instant::now);
+            }
+            for tid in seized {
+                // ESRCH here: it is dying; the wait below reaps it.
+                let _ = sys::interrupt(tid);
+            }
+            if !found_new {
                 // A pass found no thread we do not hold, and every thread we
                 // hold is stopped (so none can create another).
                 break;
@@ -322,7 +337,15 @@ impl StoppedProcess<'_> {
             .into_iter()
             .map(|(t, r)| (t, ThreadState::Stopped(Box::new(r))))
             .collect();
-        match release_all(&mut attached) {
+        let threads = attached.len();
+        let first_release = Instant::now();
+        let released = release_all(&mut attached);
+        crate::hold::record_whole(
+            threads,
+            self.first_interrupt.elapsed(),
+            first_release.saturating_duration_since(self.all_stopped),
+        );
+        match released {
             None => Ok(()),
             Some(Errno::ESRCH) => {
                 if self.process.is_alive() {

@@ -7,7 +7,6 @@
 
 use std::cell::RefCell;
 use std::ptr;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -106,11 +105,21 @@ pub(crate) fn wait_until(tid: Tid, deadline: Instant) -> Option<Report> {
     }
 }
 
-/// Short sleeps growing from 20 µs to 5 ms, never past a deadline.
+/// Waits between polls: growing from 20 µs to 5 ms, never past a deadline,
+/// and cut short by `SIGCHLD`.
+///
+/// Every ptrace-stop of a tracee notifies its tracer with `SIGCHLD`. The
+/// calling thread blocks that signal and sleeps in `sigtimedwait`, so a
+/// stop is noticed within microseconds, not at the next poll: a stopped
+/// thread of the target is held only as long as suture needs it. If
+/// another thread of ours takes the signal, the sleep simply ends at its
+/// timeout. (Children spawned later start with an empty signal mask:
+/// `std::process::Command` resets it.)
 pub(crate) struct Backoff(Duration);
 
 impl Backoff {
     pub fn new() -> Self {
+        block_sigchld();
         Backoff(Duration::from_micros(20))
     }
     pub fn reset(&mut self) {
@@ -118,9 +127,52 @@ impl Backoff {
     }
     pub fn sleep(&mut self, deadline: Instant) {
         let left = deadline.saturating_duration_since(Instant::now());
-        thread::sleep(self.0.min(left));
+        wait_sigchld(self.0.min(left));
         self.0 = (self.0 * 2).min(Duration::from_millis(5));
     }
+}
+
+fn sigchld_set() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise the set we own.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGCHLD);
+        set
+    }
+}
+
+thread_local! {
+    static SIGCHLD_BLOCKED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Blocks `SIGCHLD` in the calling thread (once), so that it stays pending
+/// for [`wait_sigchld`] instead of being discarded.
+fn block_sigchld() {
+    SIGCHLD_BLOCKED.with(|b| {
+        if !b.get() {
+            let set = sigchld_set();
+            // SAFETY: changes only this thread's mask, from a valid set.
+            unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, ptr::null_mut()) };
+            b.set(true);
+        }
+    });
+}
+
+/// Sleeps until a `SIGCHLD` is pending (taking it) or `max` has passed.
+fn wait_sigchld(max: Duration) {
+    if max.is_zero() {
+        return;
+    }
+    block_sigchld();
+    let set = sigchld_set();
+    let ts = libc::timespec {
+        tv_sec: max.as_secs() as libc::time_t,
+        tv_nsec: max.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: valid set and timeout; a null siginfo pointer is allowed.
+    // EINTR and EAGAIN (timeout) both just end the sleep.
+    unsafe { libc::sigtimedwait(&set, ptr::null_mut(), &ts) };
 }
 
 fn pid(tid: Tid) -> Pid {

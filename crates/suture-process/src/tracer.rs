@@ -114,6 +114,9 @@ struct Traced {
     state: State,
     /// When the thread started (clock ticks), to recognise it behind its id.
     start_time: u64,
+    /// While held: since when it has been kept from running (from the
+    /// interrupt, or from the reported system-call entry).
+    held_since: Option<Instant>,
 }
 
 /// Single threads of a process traced for as long as this lives; see the
@@ -198,6 +201,7 @@ impl Tracer<'_> {
                 None
             }
         };
+        let asked = Instant::now();
         if report.is_none() {
             // ESRCH: it is dying; the wait reports it.
             let _ = sys::interrupt(tid);
@@ -234,6 +238,9 @@ impl Tracer<'_> {
                 }
             };
             self.set_state(tid, State::Held { group });
+            if let Some(t) = self.threads.get_mut(&tid) {
+                t.held_since = Some(asked);
+            }
             return self.held_regs(tid);
         }
     }
@@ -262,6 +269,9 @@ impl Tracer<'_> {
         };
         match result {
             Ok(()) => {
+                if let Some(since) = t.held_since.take() {
+                    crate::hold::record_thread(since.elapsed());
+                }
                 t.state = if group {
                     State::Listening
                 } else {
@@ -286,6 +296,9 @@ impl Tracer<'_> {
         if let State::Held { .. } = t.state {
             return match sys::detach(tid, 0) {
                 Ok(()) => {
+                    if let Some(since) = t.held_since {
+                        crate::hold::record_thread(since.elapsed());
+                    }
                     self.threads.remove(&tid);
                     Ok(())
                 }
@@ -433,6 +446,15 @@ impl Tracer<'_> {
 
     fn set_state(&mut self, tid: Tid, state: State) {
         if let Some(t) = self.threads.get_mut(&tid) {
+            let held = matches!(state, State::Held { .. });
+            if held && t.held_since.is_none() {
+                t.held_since = Some(Instant::now());
+            }
+            if !held {
+                if let Some(since) = t.held_since.take() {
+                    crate::hold::record_thread(since.elapsed());
+                }
+            }
             t.state = state;
         }
     }
@@ -459,6 +481,7 @@ impl Tracer<'_> {
                 how: Resume::Run,
                 state: State::Running,
                 start_time: stat.start_time,
+                held_since: None,
             },
         );
         Ok(())

@@ -3,7 +3,7 @@
 use anyhow::Result;
 use serde::Serialize;
 use std::fmt::Write;
-use suture_engine::report::{CheckReport, DisableReport, ForceReport, FrameStatus};
+use suture_engine::report::{CheckReport, DisableReport, ForceReport, FrameStatus, Held};
 use suture_engine::{ApplyReport, ProcessEntry, StatusReport};
 
 /// Print `r` as JSON or through its text formatter.
@@ -52,7 +52,41 @@ pub fn apply(r: &ApplyReport) -> String {
     for c in &r.callbacks {
         let _ = writeln!(s, "  callback {c}");
     }
+    held(&mut s, &r.held);
     s
+}
+
+/// What the command's stops cost the target, in one line.
+fn held(s: &mut String, h: &Held) {
+    fn dur(us: u64) -> String {
+        if us >= 10_000 {
+            format!("{:.0} ms", us as f64 / 1000.0)
+        } else if us >= 1000 {
+            format!("{:.1} ms", us as f64 / 1000.0)
+        } else {
+            format!("{us} µs")
+        }
+    }
+    let mut parts = Vec::new();
+    if h.whole_stops > 0 {
+        parts.push(format!(
+            "all {} thread(s) at once {}x (each at most {}, all stopped together at most {})",
+            h.whole_threads,
+            h.whole_stops,
+            dur(h.whole_held_us),
+            dur(h.whole_all_us)
+        ));
+    }
+    if h.thread_stops > 0 {
+        parts.push(format!(
+            "single threads {}x (each at most {})",
+            h.thread_stops,
+            dur(h.thread_held_us)
+        ));
+    }
+    if !parts.is_empty() {
+        let _ = writeln!(s, "  target held: {}", parts.join("; "));
+    }
 }
 
 pub fn disable(r: &DisableReport) -> String {
@@ -78,6 +112,7 @@ pub fn disable(r: &DisableReport) -> String {
     for c in &r.callbacks {
         let _ = writeln!(s, "  callback {c}");
     }
+    held(&mut s, &r.held);
     s
 }
 

@@ -1,0 +1,59 @@
+//! What suture's stops cost the target: how long threads were held.
+//!
+//! Every [`crate::StoppedProcess`], [`crate::Hijack`] and
+//! [`crate::Tracer`] stop adds to a tally kept per tracer thread, which a
+//! command reads with [`take_hold_stats`] to report what it imposed on the
+//! target ("the whole process was stopped at once for X µs").
+
+use std::cell::Cell;
+use std::time::Duration;
+
+/// The stops made by one tracer thread since the last [`take_hold_stats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HoldStats {
+    /// Whole-process stops ([`crate::Process::stop_all`]).
+    pub whole_stops: u32,
+    /// The most threads one whole-process stop held.
+    pub whole_threads: usize,
+    /// Longest time from the first thread of a whole-process stop asked to
+    /// stop until the last one was released: what that stop cost the
+    /// thread that waited longest.
+    pub whole_held: Duration,
+    /// Longest time every thread of the process was stopped at once (from
+    /// the last thread stopping until the first was released).
+    pub whole_all: Duration,
+    /// Stops of a single thread (its own check, or a borrowed thread
+    /// running system calls), each while the others ran.
+    pub thread_stops: u64,
+    /// Longest single-thread stop, from the interrupt to the release.
+    pub thread_held: Duration,
+}
+
+thread_local! {
+    static STATS: Cell<HoldStats> = Cell::new(HoldStats::default());
+}
+
+/// The tally since the last call (and a fresh one started).
+pub fn take_hold_stats() -> HoldStats {
+    STATS.with(|s| s.take())
+}
+
+pub(crate) fn record_whole(threads: usize, held: Duration, all: Duration) {
+    STATS.with(|s| {
+        let mut v = s.get();
+        v.whole_stops += 1;
+        v.whole_threads = v.whole_threads.max(threads);
+        v.whole_held = v.whole_held.max(held);
+        v.whole_all = v.whole_all.max(all);
+        s.set(v);
+    });
+}
+
+pub(crate) fn record_thread(held: Duration) {
+    STATS.with(|s| {
+        let mut v = s.get();
+        v.thread_stops += 1;
+        v.thread_held = v.thread_held.max(held);
+        s.set(v);
+    });
+}
