@@ -22,7 +22,7 @@ fn usage() -> ExitCode {
     eprintln!(
         "usage: suture-bench calls [--rounds N] [--batches N] [--calls N] [--no-callgrind] [--no-write]\n\
          \x20      suture-bench pauses [--rounds N] [--threads N,N,...] [--no-write]\n\
-         \x20      suture-bench scale [--reps N] [--quick] [--no-strace] [--no-write]\n\
+         \x20      suture-bench scale [--reps N] [--quick | --configs FxT,...] [--no-strace] [--no-write]\n\
          \x20      suture-bench all [--no-write]"
     );
     ExitCode::from(2)
@@ -84,6 +84,21 @@ fn main() -> ExitCode {
                         _ => return usage(),
                     },
                     "--quick" => o.configs = vec![(1, 1), (10, 64), (100, 64)],
+                    // FxT,FxT,...: functions x threads
+                    "--configs" => {
+                        let v: Option<Vec<(usize, usize)>> = it.next().and_then(|s| {
+                            s.split(',')
+                                .map(|c| {
+                                    let (f, t) = c.split_once('x')?;
+                                    Some((f.parse().ok()?, t.parse().ok()?))
+                                })
+                                .collect()
+                        });
+                        match v {
+                            Some(v) if !v.is_empty() => o.configs = v,
+                            _ => return usage(),
+                        }
+                    }
                     "--no-strace" => o.strace = false,
                     "--no-write" => o.write = false,
                     _ => return usage(),

@@ -421,10 +421,23 @@ impl<'a> Driver<'a> {
         Ok(())
     }
 
-    /// Stop and check every pending thread once, one at a time. Pending
-    /// threads stay traced (stopping at their system calls) when `keep`.
+    /// Stop and check every pending thread once, each on its own while the
+    /// others run. A few threads are asked to stop ahead of their turn
+    /// ([`SWEEP_AHEAD`]), so waiting for one to be scheduled overlaps the
+    /// checks of the others. Pending threads stay traced (stopping at
+    /// their system calls) when `keep`.
     pub fn sweep(&mut self, tracer: &mut Tracer<'_>, keep: bool) -> Result<(), Error> {
-        for tid in self.pending() {
+        let pending = self.pending();
+        let mut ahead = pending.iter().copied().peekable();
+        let mut asked: std::collections::VecDeque<i32> = std::collections::VecDeque::new();
+        for &tid in &pending {
+            while asked.len() < SWEEP_AHEAD {
+                let Some(next) = ahead.next() else { break };
+                // A failure shows again, and is handled, at its turn.
+                let _ = tracer.request_stop(next);
+                asked.push_back(next);
+            }
+            asked.retain(|&t| t != tid);
             let regs = match tracer.stop(tid, THREAD_STOP) {
                 Ok(r) => r,
                 Err(_) if !thread_alive(self.proc, tid) => {
@@ -490,6 +503,9 @@ impl<'a> Driver<'a> {
         &self.mirror
     }
 }
+
+/// How many threads a sweep asks to stop ahead of the one it checks.
+const SWEEP_AHEAD: usize = 8;
 
 /// Whether thread `tid` of the process still exists.
 pub fn thread_alive(proc: &Process, tid: i32) -> bool {

@@ -124,6 +124,8 @@ pub fn write_code_with(proc: &Process, make: &mut MakeWrites<'_>) -> Result<bool
     )))
 }
 
+/// How many threads are asked to stop ahead of the one examined.
+const AHEAD: usize = 8;
 /// How long to wait for one thread to stop for its examination.
 const THREAD_STOP_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -159,7 +161,16 @@ pub fn unused_regions(
         if fresh.is_empty() {
             break;
         }
-        for tid in fresh {
+        for (i, &tid) in fresh.iter().enumerate() {
+            // Ask a few threads ahead to stop, so their scheduling overlaps
+            // this one's examination.
+            if i == 0 {
+                for &t in fresh.iter().take(AHEAD) {
+                    let _ = tracer.request_stop(t);
+                }
+            } else if let Some(&t) = fresh.get(i + AHEAD - 1) {
+                let _ = tracer.request_stop(t);
+            }
             let regs = match tracer.stop(tid, THREAD_STOP_TIMEOUT) {
                 Ok(r) => r,
                 // Gone: it can no longer be anywhere.

@@ -117,6 +117,9 @@ struct Traced {
     /// While held: since when it has been kept from running (from the
     /// interrupt, or from the reported system-call entry).
     held_since: Option<Instant>,
+    /// A stop asked for by [`Tracer::request_stop`] and not collected yet
+    /// (when it was asked).
+    asked: Option<Instant>,
 }
 
 /// Single threads of a process traced for as long as this lives; see the
@@ -169,8 +172,27 @@ impl Tracer<'_> {
         self.threads.keys().copied().collect()
     }
 
-    /// Seizes `tid` if it is not traced yet, interrupts it and waits (at
-    /// most `timeout`) until it is in a ptrace-stop; returns its registers.
+    /// Seizes `tid` if it is not traced yet and asks it to stop, without
+    /// waiting: a later [`Tracer::stop`] collects the stop. Asking several
+    /// threads first lets them reach their stops in parallel (each still
+    /// stops on its own, while the others run).
+    pub fn request_stop(&mut self, tid: Tid) -> Result<()> {
+        match self.threads.get(&tid) {
+            Some(t) if matches!(t.state, State::Held { .. }) || t.asked.is_some() => return Ok(()),
+            Some(_) => {}
+            None => self.seize(tid)?,
+        }
+        // ESRCH: it is dying; the wait in `stop` reports it.
+        let _ = sys::interrupt(tid);
+        if let Some(t) = self.threads.get_mut(&tid) {
+            t.asked = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    /// Seizes `tid` if it is not traced yet, interrupts it (unless
+    /// [`Tracer::request_stop`] did) and waits (at most `timeout`) until it
+    /// is in a ptrace-stop; returns its registers.
     /// It stays stopped until [`Tracer::resume`] or [`Tracer::detach`].
     ///
     /// A thread held at a reported [`TraceEvent::SyscallEntry`] is returned
@@ -191,8 +213,16 @@ impl Tracer<'_> {
             });
         }
         let deadline = Instant::now() + timeout;
+        let mut asked = Instant::now();
+        let mut interrupted = false;
         let mut report = match self.threads.get(&tid) {
             Some(t) if matches!(t.state, State::Held { .. }) => return self.held_regs(tid),
+            // Asked already: only the wait is left.
+            Some(t) if t.asked.is_some() => {
+                asked = t.asked.unwrap_or(asked);
+                interrupted = true;
+                None
+            }
             // A stop may be waiting already (e.g. a system-call entry not
             // collected yet); then no interrupt is needed.
             Some(_) => sys::wait_nohang(tid),
@@ -201,8 +231,7 @@ impl Tracer<'_> {
                 None
             }
         };
-        let asked = Instant::now();
-        if report.is_none() {
+        if report.is_none() && !interrupted {
             // ESRCH: it is dying; the wait reports it.
             let _ = sys::interrupt(tid);
         }
@@ -240,6 +269,7 @@ impl Tracer<'_> {
             self.set_state(tid, State::Held { group });
             if let Some(t) = self.threads.get_mut(&tid) {
                 t.held_since = Some(asked);
+                t.asked = None;
             }
             return self.held_regs(tid);
         }
@@ -395,6 +425,10 @@ impl Tracer<'_> {
     /// Handles one report about a traced thread; returns the event to
     /// report, if it is one.
     fn handle(&mut self, tid: Tid, report: Report) -> Result<Option<TraceEvent>> {
+        // Whatever stop this is, it consumed an interrupt we asked for.
+        if let Some(t) = self.threads.get_mut(&tid) {
+            t.asked = None;
+        }
         let t = self.threads[&tid];
         if report == Report::Gone {
             self.threads.remove(&tid);
@@ -482,6 +516,7 @@ impl Tracer<'_> {
                 state: State::Running,
                 start_time: stat.start_time,
                 held_since: None,
+                asked: None,
             },
         );
         Ok(())

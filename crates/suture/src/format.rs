@@ -6,14 +6,22 @@ use std::fmt::Write;
 use suture_engine::report::{CheckReport, DisableReport, ForceReport, FrameStatus, Held};
 use suture_engine::{ApplyReport, ProcessEntry, StatusReport};
 
-/// Print `r` as JSON or through its text formatter.
+/// Print `r` as JSON or through its text formatter. A reader that went
+/// away (`suture status PID | head`) is not an error: the operation itself
+/// is done.
 pub fn print<T: Serialize + ?Sized>(json: bool, r: &T, text: fn(&T) -> String) -> Result<()> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(r)?);
+    let out = if json {
+        serde_json::to_string_pretty(r)? + "\n"
     } else {
-        print!("{}", text(r));
+        text(r)
+    };
+    let mut stdout = std::io::stdout().lock();
+    match std::io::Write::write_all(&mut stdout, out.as_bytes())
+        .and_then(|()| std::io::Write::flush(&mut stdout))
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 fn yes(b: bool) -> &'static str {
