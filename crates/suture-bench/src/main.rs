@@ -13,6 +13,7 @@ mod out;
 mod pauses;
 mod report;
 mod scale;
+mod service;
 mod step;
 mod util;
 
@@ -23,6 +24,7 @@ fn usage() -> ExitCode {
         "usage: suture-bench calls [--rounds N] [--batches N] [--calls N] [--no-callgrind] [--no-write]\n\
          \x20      suture-bench pauses [--rounds N] [--threads N,N,...] [--no-write]\n\
          \x20      suture-bench scale [--reps N] [--quick | --configs FxT,...] [--no-strace] [--no-write]\n\
+         \x20      suture-bench service [--rounds N] [--rate REQ_PER_S] [--no-write]\n\
          \x20      suture-bench all [--no-write]"
     );
     ExitCode::from(2)
@@ -106,6 +108,25 @@ fn main() -> ExitCode {
             }
             scale::run(&o).map_or_else(fail, |_| ExitCode::SUCCESS)
         }
+        "service" => {
+            let mut o = service::Options::default();
+            let mut it = args[1..].iter();
+            while let Some(a) = it.next() {
+                match a.as_str() {
+                    "--rounds" => match num(&mut it, a) {
+                        Some(v) if v > 0 => o.rounds = v as usize,
+                        _ => return usage(),
+                    },
+                    "--rate" => match num(&mut it, a) {
+                        Some(v) if v > 0 => o.rate = v as u32,
+                        _ => return usage(),
+                    },
+                    "--no-write" => o.write = false,
+                    _ => return usage(),
+                }
+            }
+            service::run(&o).map_or_else(fail, |_| ExitCode::SUCCESS)
+        }
         "all" => {
             let write = match args.get(1).map(String::as_str) {
                 None => true,
@@ -124,6 +145,10 @@ fn main() -> ExitCode {
                 write,
                 ..Default::default()
             };
+            let v = service::Options {
+                write,
+                ..Default::default()
+            };
             let mut ok = true;
             for (name, r) in [
                 (
@@ -132,6 +157,7 @@ fn main() -> ExitCode {
                 ),
                 ("pauses", &|| pauses::run(&p)),
                 ("scale", &|| scale::run(&s)),
+                ("service", &|| service::run(&v)),
             ] {
                 if let Err(e) = r() {
                     eprintln!("suture-bench {name}: {e}");

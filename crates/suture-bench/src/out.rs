@@ -8,7 +8,12 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 /// The sections in the order they appear in BENCHMARKS.md.
-const ORDER: [&str; 3] = ["## Cost per call", "## Pauses", "## Scale"];
+const ORDER: [&str; 4] = [
+    "## Cost per call",
+    "## Pauses",
+    "## Scale",
+    "## Against a restart",
+];
 
 fn preamble() -> String {
     let (cpu, cores, kernel) = machine();
@@ -21,7 +26,7 @@ fn preamble() -> String {
     let _ = writeln!(
         m,
         "```sh\ncargo run --release -p suture-bench -- all      # as root (ptrace): every benchmark below\n\
-         cargo run --release -p suture-bench -- calls    # or one of them: calls, pauses, scale\n```\n"
+         cargo run --release -p suture-bench -- calls    # or one of them: calls, pauses, scale, service\n```\n"
     );
     let _ = writeln!(
         m,

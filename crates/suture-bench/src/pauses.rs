@@ -157,6 +157,22 @@ pub struct Round {
     pub apply_ms: f64,
     pub disable_ms: f64,
     pub window_ms: f64,
+    /// What `suture apply` and `disable` themselves report (`held` in
+    /// their JSON), the larger of the two: the longest time every thread
+    /// was stopped at once, the longest any thread waited in a
+    /// whole-process stop, and the longest single-thread stop (µs).
+    pub held_all_us: f64,
+    pub held_whole_us: f64,
+    pub held_thread_us: f64,
+}
+
+/// The `held` figures of a command's JSON report: (all at once, whole-stop
+/// wait, single thread), µs.
+fn held(json_out: &str) -> (f64, f64, f64) {
+    let v: Value = serde_json::from_str(json_out).unwrap_or(Value::Null);
+    let h = &v["held"];
+    let f = |k: &str| h[k].as_f64().unwrap_or(f64::NAN);
+    (f("whole_all_us"), f("whole_held_us"), f("thread_held_us"))
 }
 
 /// results[mode][n] = rounds
@@ -229,10 +245,17 @@ fn run_in(o: &Options, dir: &Path) -> Result<()> {
                 t.send("r")?;
                 t.line()?;
                 let t0 = Instant::now();
-                su.cmd(&["apply", &ps, &obj.to_string_lossy(), "--timeout", "60"])?;
+                let ha = held(&su.cmd(&[
+                    "apply",
+                    &ps,
+                    &obj.to_string_lossy(),
+                    "--timeout",
+                    "60",
+                    "--json",
+                ])?);
                 let apply = t0.elapsed();
                 let t1 = Instant::now();
-                su.cmd(&["disable", &ps, &name, "--timeout", "60"])?;
+                let hd = held(&su.cmd(&["disable", &ps, &name, "--timeout", "60", "--json"])?);
                 let disable = t1.elapsed();
                 std::thread::sleep(Duration::from_millis(20));
                 let win = t0.elapsed();
@@ -251,6 +274,9 @@ fn run_in(o: &Options, dir: &Path) -> Result<()> {
                     apply_ms: ms(apply),
                     disable_ms: ms(disable),
                     window_ms: ms(win),
+                    held_all_us: ha.0.max(hd.0),
+                    held_whole_us: ha.1.max(hd.1),
+                    held_thread_us: ha.2.max(hd.2),
                 });
             }
             let _ = t.finish();
@@ -304,7 +330,8 @@ impl Results {
                         "duty_sleep_ns": self.sleep_ns[mi][ni],
                         "rounds": rs.iter().map(|r| json!({
                             "patching": wjson(&r.patch), "baseline": wjson(&r.base),
-                            "apply_ms": r.apply_ms, "disable_ms": r.disable_ms, "window_ms": r.window_ms })).collect::<Vec<_>>(),
+                            "apply_ms": r.apply_ms, "disable_ms": r.disable_ms, "window_ms": r.window_ms,
+                            "suture_held_all_us": r.held_all_us, "suture_held_whole_us": r.held_whole_us, "suture_held_thread_us": r.held_thread_us })).collect::<Vec<_>>(),
                         "median_over_rounds": {
                             "patching_max_gap_us": over(rs, |r| r.patch.max_us).0,
                             "baseline_max_gap_us": over(rs, |r| r.base.max_us).0,
@@ -316,6 +343,9 @@ impl Results {
                             "baseline_all_threads_in_gap_us": over(rs, |r| r.base.all_us).0,
                             "apply_ms": over(rs, |r| r.apply_ms).0,
                             "disable_ms": over(rs, |r| r.disable_ms).0,
+                            "suture_held_all_us": over(rs, |r| r.held_all_us).0,
+                            "suture_held_whole_us": over(rs, |r| r.held_whole_us).0,
+                            "suture_held_thread_us": over(rs, |r| r.held_thread_us).0,
                         }
                     }),
                 );
@@ -362,10 +392,23 @@ impl Results {
                 over(rs, |r| r.base.all_us).0
             ));
         }
+        let mut own = Vec::new();
+        for (i, n) in self.threads.iter().enumerate() {
+            let rs = &self.res[0][i];
+            if rs.is_empty() {
+                continue;
+            }
+            own.push(format!(
+                "{n} threads {:.0} µs (each thread waits in it at most {:.0} µs)",
+                over(rs, |r| r.held_all_us).0,
+                over(rs, |r| r.held_whole_us).0
+            ));
+        }
         v.push((
             "the whole process never stopped at once for more than the code write (goal: not at all)".into(),
             format!(
-                "longest interval in which every thread had a gap at once while applying and disabling (spin mode, median over rounds): {}",
+                "suture's own figure, the longest time every thread was stopped at once (the code write with the checks of the thread pointers and program counters), duty mode, median over rounds: {}. Seen from the target, the longest interval in which every thread had a gap at once (spin mode): {}",
+                own.join(", "),
                 parts.join(", ")
             ),
             None,
@@ -381,7 +424,8 @@ impl Results {
             "A C target (`crates/suture-bench/c/pauses.c`) runs N threads that call `work()` (the patched function, `c/patch_pauses.c` replaces it with identical code) \
              and read `clock_gettime(CLOCK_MONOTONIC)` in a tight loop, keeping each its largest gap between consecutive timestamps and every gap of at least 20 µs with its start and end. \
              In each of {} rounds per N, the figures are reset, `suture apply` (waiting for the transition: every thread is switched by its own stack check) then `suture disable` run, \
-             and the figures are read (the \"patching\" window); then they are reset again and read after a window of the same duration in which nothing happens (the \"baseline\"). Two modes, each its own process:\n",
+             and the figures are read (the \"patching\" window); then they are reset again and read after a window of the same duration in which nothing happens (the \"baseline\"). \
+             The \"suture:\" columns are what the two commands report themselves (`held` in their JSON: they time every stop they make, from the interrupt of the first thread to the release of the last), the larger of apply's and disable's; a stop made by a transition's background worker is not in them. Two modes, each its own process:\n",
             self.rounds
         );
         let _ = writeln!(
@@ -395,8 +439,8 @@ impl Results {
                 "### {} mode\n\nµs, median over rounds (min..max of the rounds). \"thread max\": each thread's largest gap; max / median / p99 over the threads.\n",
                 mode
             );
-            let _ = writeln!(m, "| threads | baseline: max gap | patching: max gap | baseline: median / p99 thread max | patching: median / p99 thread max | all threads in a gap at once: baseline | patching | apply ms | disable ms |");
-            let _ = writeln!(m, "|---|---|---|---|---|---|---|---|---|");
+            let _ = writeln!(m, "| threads | baseline: max gap | patching: max gap | baseline: median / p99 thread max | patching: median / p99 thread max | all threads in a gap at once: baseline | patching | suture: all stopped at once | suture: longest wait in a whole stop | suture: longest single-thread stop | apply ms | disable ms |");
+            let _ = writeln!(m, "|---|---|---|---|---|---|---|---|---|---|---|---|");
             for (ni, n) in self.threads.iter().enumerate() {
                 let rs = &self.res[mi][ni];
                 let tr = if rs.iter().any(|r| r.patch.truncated || r.base.truncated) {
@@ -406,7 +450,7 @@ impl Results {
                 };
                 let _ = writeln!(
                     m,
-                    "| {n} | {} | {} | {:.0} / {:.0} | {:.0} / {:.0} | {} | {}{tr} | {:.1} | {:.1} |",
+                    "| {n} | {} | {} | {:.0} / {:.0} | {:.0} / {:.0} | {} | {}{tr} | {} | {} | {} | {:.1} | {:.1} |",
                     fmt3(over(rs, |r| r.base.max_us)),
                     fmt3(over(rs, |r| r.patch.max_us)),
                     over(rs, |r| r.base.median_us).0,
@@ -415,6 +459,9 @@ impl Results {
                     over(rs, |r| r.patch.p99_us).0,
                     fmt3(over(rs, |r| r.base.all_us)),
                     fmt3(over(rs, |r| r.patch.all_us)),
+                    fmt3(over(rs, |r| r.held_all_us)),
+                    fmt3(over(rs, |r| r.held_whole_us)),
+                    fmt3(over(rs, |r| r.held_thread_us)),
                     over(rs, |r| r.apply_ms).0,
                     over(rs, |r| r.disable_ms).0,
                 );

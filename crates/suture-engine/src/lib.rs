@@ -31,6 +31,8 @@ pub use report::{
     ApplyReport, CheckReport, DisableReport, ForceReport, ProcessEntry, StatusReport,
 };
 pub use suture_elf::PATCH_CFLAGS;
+/// The priority suture runs at while target threads wait for it.
+pub use suture_process::set_hold_priority;
 
 /// Why an operation failed. Each message is one sentence a person can act on.
 #[derive(Debug, thiserror::Error)]

@@ -114,6 +114,7 @@ pub struct Hijack<'p> {
     held_signals: Vec<libc::siginfo_t>,
     /// When the thread was asked to stop.
     started: Instant,
+    boost: Option<crate::boost::Boost>,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -184,6 +185,7 @@ impl Process {
     /// Like [`Process::hijack`], but borrows the given thread.
     pub fn hijack_thread(&self, tid: Tid, timeout: Duration) -> Result<Hijack<'_>> {
         let started = Instant::now();
+        let boost = crate::boost::Boost::new();
         let deadline = started + timeout;
         if let Err(errno) = sys::seize(tid, false) {
             return Err(self.seize_error(tid, errno));
@@ -249,6 +251,7 @@ impl Process {
             timeout: DEFAULT_SYSCALL_TIMEOUT,
             held_signals: Vec::new(),
             started,
+            boost: Some(boost),
             _not_send: PhantomData,
         };
         if let Err(errno) = sys::setsigmask(tid, HIJACK_MASK) {
@@ -800,6 +803,7 @@ impl Hijack<'_> {
         if !matches!(state, State::Gone) {
             crate::hold::record_thread(self.started.elapsed());
         }
+        let _boost = self.boost.take();
         match state {
             State::Gone => {
                 sys::reap(tid, Duration::from_millis(50));

@@ -29,6 +29,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::PathBuf;
 use std::time::Duration;
 
+mod boost;
 mod gap;
 mod hijack;
 mod hold;
@@ -37,6 +38,7 @@ mod stop;
 mod sys;
 mod tracer;
 
+pub use boost::set_hold_priority;
 pub use gap::{
     find_gap_near, HEAP_RESERVE, MMAP_MIN_ADDR, PAGE_SIZE, REL32_MARGIN, REL32_REACH, STACK_GUARD,
     USER_SPACE_END,

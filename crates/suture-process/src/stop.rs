@@ -42,6 +42,7 @@ pub struct StoppedProcess<'p> {
     first_interrupt: Instant,
     /// When the last thread was seen stopped.
     all_stopped: Instant,
+    _boost: crate::boost::Boost,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -52,6 +53,7 @@ impl Process {
     pub fn stop_all(&self, timeout: Duration) -> Result<StoppedProcess<'_>> {
         sys::release_abandoned(Duration::ZERO);
         self.ensure_alive()?;
+        let boost = crate::boost::Boost::new();
         let deadline = Instant::now() + timeout;
         let mut attached: BTreeMap<Tid, ThreadState> = BTreeMap::new();
         let mut first_interrupt = None;
@@ -71,6 +73,7 @@ impl Process {
                     done: false,
                     first_interrupt: first_interrupt.unwrap_or(all_stopped),
                     all_stopped,
+                    _boost: boost,
                     _not_send: PhantomData,
                 })
             }

@@ -137,6 +137,8 @@ pub struct Tracer<'p> {
     /// busy thread cannot starve the others.
     cursor: Tid,
     last_check: Instant,
+    /// Raised priority while some thread is held (or asked to stop).
+    boost: Option<crate::boost::Boost>,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -150,6 +152,7 @@ impl Process {
             exited: VecDeque::new(),
             cursor: 0,
             last_check: Instant::now(),
+            boost: None,
             _not_send: PhantomData,
         }
     }
@@ -187,7 +190,21 @@ impl Tracer<'_> {
         if let Some(t) = self.threads.get_mut(&tid) {
             t.asked = Some(Instant::now());
         }
+        self.update_boost();
         Ok(())
+    }
+
+    /// Keeps the raised priority exactly while a thread waits for us.
+    fn update_boost(&mut self) {
+        let waiting = self
+            .threads
+            .values()
+            .any(|t| matches!(t.state, State::Held { .. }) || t.asked.is_some());
+        if waiting && self.boost.is_none() {
+            self.boost = Some(crate::boost::Boost::new());
+        } else if !waiting {
+            self.boost = None;
+        }
     }
 
     /// Seizes `tid` if it is not traced yet, interrupts it (unless
@@ -307,6 +324,7 @@ impl Tracer<'_> {
                 } else {
                     State::Running
                 };
+                self.update_boost();
                 Ok(())
             }
             Err(Errno::ESRCH) => Err(self.lost(tid)),
@@ -330,6 +348,7 @@ impl Tracer<'_> {
                         crate::hold::record_thread(since.elapsed());
                     }
                     self.threads.remove(&tid);
+                    self.update_boost();
                     Ok(())
                 }
                 Err(Errno::ESRCH) => Err(self.lost(tid)),
@@ -479,6 +498,11 @@ impl Tracer<'_> {
     }
 
     fn set_state(&mut self, tid: Tid, state: State) {
+        self.set_state_inner(tid, state);
+        self.update_boost();
+    }
+
+    fn set_state_inner(&mut self, tid: Tid, state: State) {
         if let Some(t) = self.threads.get_mut(&tid) {
             let held = matches!(state, State::Held { .. });
             if held && t.held_since.is_none() {

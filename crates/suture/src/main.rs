@@ -243,17 +243,18 @@ fn signed(patch: &std::path::Path, require: bool) -> Result<()> {
 }
 
 /// Commands that operate on a process run at a raised priority (nice -20
-/// by default, `SUTURE_NICE` to choose): a target whose threads keep every
-/// CPU busy would otherwise leave suture a sliver of CPU time, and every
-/// thread it holds stopped would wait for it. Best effort: without the
-/// right to raise it, suture runs as it was started.
+/// by default, `SUTURE_NICE` to choose) while they hold target threads
+/// stopped: a target whose threads keep every CPU busy would otherwise
+/// leave suture a sliver of CPU time, and every thread it holds would wait
+/// for it. The rest of the work runs at the priority suture was started
+/// with, so it never takes CPU time from the service. Best effort: without
+/// the right to raise it, suture runs as it was started.
 fn raise_priority() {
     let nice = std::env::var("SUTURE_NICE")
         .ok()
         .and_then(|v| v.parse::<i32>().ok())
         .unwrap_or(-20);
-    // SAFETY: setpriority on our own process; no memory is involved.
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    suture_engine::set_hold_priority(nice);
 }
 
 fn main() -> ExitCode {
