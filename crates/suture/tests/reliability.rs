@@ -352,7 +352,9 @@ fn disable_everything(t: &mut Consist) -> Result<(), String> {
     let st = json(&["status", &pid, "--json"]);
     if !st["transition"].is_null() {
         let out = cmd(&["force", &pid])?;
-        if !out.status.success() {
+        // A worker may have completed the transition meanwhile.
+        let done = String::from_utf8_lossy(&out.stderr).contains("no transition in progress");
+        if !out.status.success() && !done {
             return Err(format!(
                 "force after the interruption failed: {}",
                 String::from_utf8_lossy(&out.stderr)
@@ -373,7 +375,8 @@ fn disable_everything(t: &mut Consist) -> Result<(), String> {
         let out = cmd(&["wait", &pid, "--timeout", "30"])?;
         if out.status.code() == Some(3) {
             let out = cmd(&["force", &pid])?;
-            if !out.status.success() {
+            let done = String::from_utf8_lossy(&out.stderr).contains("no transition in progress");
+            if !out.status.success() && !done {
                 return Err(format!(
                     "force failed: {}",
                     String::from_utf8_lossy(&out.stderr)
@@ -625,4 +628,220 @@ fn kill_long() {
         .unwrap_or(200);
     let (_, failures) = kill_trials(n);
     assert!(failures.is_empty(), "{failures:#?}");
+}
+
+// ---------------------------------------------------------------------------
+// 2. The target misbehaving during an operation
+
+/// The exit status of a suture command: success, a clear failure (1, with
+/// a message) or a transition left to the worker (3); never a panic.
+fn sane(out: &std::process::Output, what: &str) {
+    no_panic(out, what);
+    let code = out.status.code();
+    assert!(
+        matches!(code, Some(0) | Some(1) | Some(3)),
+        "{what}: unexpected exit {:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if code == Some(1) {
+        assert!(!out.stderr.is_empty(), "{what}: failed without saying why");
+    }
+}
+
+/// A target that survived: everything taken out, then every check.
+fn survived(t: &mut Consist) {
+    disable_everything(t).unwrap();
+    check_target(t, AB).unwrap();
+}
+
+/// apply ab / disable ab, `cycles` times, while `during` runs in a thread
+/// until the cycles end.
+fn cycles_while(
+    t: &mut Consist,
+    cycles: usize,
+    during: impl Fn(&std::sync::atomic::AtomicBool) + Send + Sync,
+) {
+    let pid = t.pid();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| during(&stop));
+        for i in 0..cycles {
+            let out = run_bounded(&["apply", &pid, &f("ab.o"), "--timeout", "30"]);
+            sane(&out, &format!("apply, cycle {i}"));
+            let out = run_bounded(&["disable", &pid, "ab", "--timeout", "30"]);
+            sane(&out, &format!("disable, cycle {i}"));
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+}
+
+fn signal(pid: i32, sig: i32) {
+    // SAFETY: kill(2) with a pid and a signal number.
+    unsafe { libc::kill(pid, sig) };
+}
+
+#[test]
+fn target_exiting_or_killed_during_apply() {
+    let mut rng = Rng(seed());
+    let d = measure(Kind::Apply);
+    for (i, how) in ["kill", "exit", "kill", "exit"].iter().enumerate() {
+        let mut t = Consist::start(&[]);
+        let pid = t.t.pid;
+        let delay = Duration::from_micros(rng.below(d.as_micros() as u64));
+        println!("target {how} after {delay:?}");
+        let c = Kind::Apply.start(&mut t).unwrap();
+        std::thread::sleep(delay);
+        if *how == "kill" {
+            signal(pid, libc::SIGKILL);
+        } else {
+            let _ = writeln_target(&mut t, "x");
+        }
+        let out = wait_bounded(c, &["apply", "(target ends)"]);
+        sane(&out, &format!("apply {i}"));
+        if !out.status.success() {
+            let e = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                e.contains(&pid.to_string()) || e.contains("exited") || e.contains("no process"),
+                "the error does not say the target ended: {e}"
+            );
+        }
+        wait_no_suture(pid, "after the target ended");
+    }
+}
+
+/// Write a command to the target without waiting for its answer.
+fn writeln_target(t: &mut Consist, cmd: &str) -> std::io::Result<()> {
+    // The target may already be gone: its answer is not needed.
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        t.t.ask(cmd);
+    }));
+    let _ = r;
+    Ok(())
+}
+
+#[test]
+fn target_exec_during_apply() {
+    let mut rng = Rng(seed());
+    let d = measure(Kind::Apply);
+    for _ in 0..3 {
+        let mut t = Consist::start(&[]);
+        let delay = Duration::from_micros(rng.below(d.as_micros() as u64));
+        println!("exec after {delay:?}");
+        let c = Kind::Apply.start(&mut t).unwrap();
+        std::thread::sleep(delay);
+        let line = t.t.ask("e");
+        assert!(line.starts_with("ready"), "{line}");
+        let out = wait_bounded(c, &["apply", "(target execs)"]);
+        sane(&out, "apply across an exec");
+        println!(
+            "  apply: {:?} {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        wait_no_suture(t.t.pid, "after exec");
+        // The new image is a new program: whatever suture did, it is intact.
+        check_target(&mut t, AB).unwrap();
+        survived(&mut t);
+    }
+}
+
+#[test]
+fn target_forking_during_operations() {
+    let mut t = Consist::start(&[]);
+    assert_eq!(t.t.ask("F").trim(), "ok");
+    cycles_while(&mut t, 3, |_| {});
+    survived(&mut t);
+}
+
+#[test]
+fn threads_created_and_ended_during_operations() {
+    let mut t = Consist::start(&[]);
+    assert_eq!(t.t.ask("T").trim(), "ok");
+    assert_eq!(t.t.ask("T").trim(), "ok");
+    cycles_while(&mut t, 3, |_| {});
+    survived(&mut t);
+}
+
+#[test]
+fn signal_storm_during_operations() {
+    let mut t = Consist::start(&[]);
+    let pid = t.t.pid;
+    cycles_while(&mut t, 3, |stop| {
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            signal(pid, libc::SIGUSR1);
+        }
+    });
+    survived(&mut t);
+}
+
+#[test]
+fn sigstop_sigcont_from_outside_during_operations() {
+    let mut t = Consist::start(&[]);
+    let pid = t.t.pid;
+    cycles_while(&mut t, 3, |stop| {
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            signal(pid, libc::SIGSTOP);
+            std::thread::sleep(Duration::from_millis(7));
+            signal(pid, libc::SIGCONT);
+            std::thread::sleep(Duration::from_millis(11));
+        }
+        signal(pid, libc::SIGCONT);
+    });
+    signal(pid, libc::SIGCONT);
+    survived(&mut t);
+}
+
+#[test]
+fn target_stopped_for_the_whole_operation() {
+    let mut t = Consist::start(&[]);
+    let pid = t.t.pid;
+    signal(pid, libc::SIGSTOP);
+    let p = t.pid();
+    let out = run_bounded(&["apply", &p, &f("ab.o"), "--timeout", "10"]);
+    sane(&out, "apply on a stopped target");
+    println!(
+        "apply on a stopped target: {:?} {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    signal(pid, libc::SIGCONT);
+    survived(&mut t);
+}
+
+// ---------------------------------------------------------------------------
+// 3. Seccomp
+
+/// suture maps each image region with its final protection and never calls
+/// mprotect: a filter that forbids it (EPERM, or killing the process)
+/// neither stops the patch nor kills the target.
+fn seccomp_case(mode: &str) {
+    let mut t = Consist::start(&[mode]);
+    let pid = t.pid();
+    let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(st.contains("Seccomp:\t2"), "no filter: {st}");
+    ok(&["apply", &pid, &f("ab.o"), "--timeout", "60"]);
+    let e = entries(t.t.pid).unwrap();
+    assert!(
+        e.iter()
+            .filter(|(n, _)| n == "a" || n == "b")
+            .all(|(_, k)| *k == Entry::Jump),
+        "{e:?}"
+    );
+    check_results(&mut t, AB).unwrap();
+    // A replace patch: nops, then their removal (and memory freed).
+    ok(&["apply", &pid, &f("p3.o"), "--timeout", "60"]);
+    let q = t.until("p3 in effect", |q| q.fa.iter().all(|v| *v == 4));
+    assert_eq!(q.mixed, 0);
+    survived(&mut t);
+}
+
+#[test]
+fn seccomp_filter_returning_eperm_for_mprotect() {
+    seccomp_case("seccomp=errno");
+}
+
+#[test]
+fn seccomp_filter_killing_on_mprotect() {
+    seccomp_case("seccomp=kill");
 }
