@@ -750,7 +750,7 @@ fn target_exec_during_apply() {
 fn target_forking_during_operations() {
     let mut t = Consist::start(&[]);
     assert_eq!(t.t.ask("F").trim(), "ok");
-    cycles_while(&mut t, 3, |_| {});
+    cycles_while(&mut t, 2, |_| {});
     survived(&mut t);
 }
 
@@ -759,7 +759,7 @@ fn threads_created_and_ended_during_operations() {
     let mut t = Consist::start(&[]);
     assert_eq!(t.t.ask("T").trim(), "ok");
     assert_eq!(t.t.ask("T").trim(), "ok");
-    cycles_while(&mut t, 3, |_| {});
+    cycles_while(&mut t, 2, |_| {});
     survived(&mut t);
 }
 
@@ -767,7 +767,7 @@ fn threads_created_and_ended_during_operations() {
 fn signal_storm_during_operations() {
     let mut t = Consist::start(&[]);
     let pid = t.t.pid;
-    cycles_while(&mut t, 3, |stop| {
+    cycles_while(&mut t, 2, |stop| {
         while !stop.load(std::sync::atomic::Ordering::SeqCst) {
             signal(pid, libc::SIGUSR1);
         }
@@ -779,7 +779,7 @@ fn signal_storm_during_operations() {
 fn sigstop_sigcont_from_outside_during_operations() {
     let mut t = Consist::start(&[]);
     let pid = t.t.pid;
-    cycles_while(&mut t, 3, |stop| {
+    cycles_while(&mut t, 2, |stop| {
         while !stop.load(std::sync::atomic::Ordering::SeqCst) {
             signal(pid, libc::SIGSTOP);
             std::thread::sleep(Duration::from_millis(7));
