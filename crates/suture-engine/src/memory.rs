@@ -36,6 +36,36 @@ pub fn create_named_mapping(
     prot: i32,
     noreserve: bool,
 ) -> Result<u64, Error> {
+    create_mapping(hijack, name, size, at, prot, noreserve, &[])
+}
+
+/// The protection of each region of an image: `(offset, len, prot)`.
+pub fn image_protections(regions: &[suture_elf::Region]) -> Vec<(u64, u64, i32)> {
+    regions
+        .iter()
+        .map(|r| {
+            let prot = (if r.prot.r { libc::PROT_READ } else { 0 })
+                | (if r.prot.w { libc::PROT_WRITE } else { 0 })
+                | (if r.prot.x { libc::PROT_EXEC } else { 0 });
+            (r.offset, page_up(r.len), prot)
+        })
+        .collect()
+}
+
+/// Like [`create_named_mapping`]; then each of `regions` (`(offset, len,
+/// prot)` within the mapping) is mapped again from the same file with its
+/// own protection (`MAP_FIXED` over the mapping just made). No `mprotect`
+/// is ever needed: it works in processes whose seccomp filter forbids
+/// `mprotect`, and no page ever gains a permission (memory-deny-write-execute).
+pub fn create_mapping(
+    hijack: &mut Hijack<'_>,
+    name: &str,
+    size: u64,
+    at: Option<u64>,
+    prot: i32,
+    noreserve: bool,
+    regions: &[(u64, u64, i32)],
+) -> Result<u64, Error> {
     let fd = hijack.memfd_create(name, libc::MFD_CLOEXEC)?;
     let result = (|| {
         hijack.ftruncate(fd, size)?;
@@ -56,6 +86,23 @@ pub fn create_named_mapping(
                 )));
             }
         }
+        for &(off, len, p) in regions {
+            if p == prot {
+                continue;
+            }
+            let fixed = libc::MAP_PRIVATE | libc::MAP_FIXED;
+            match hijack.mmap(addr + off, len, p, fixed, fd, off) {
+                Ok(a) if a == addr + off => {}
+                r => {
+                    let _ = hijack.munmap(addr, size);
+                    r?;
+                    return Err(Error::Placement(format!(
+                        "the kernel did not map the image region at {:#x}",
+                        addr + off
+                    )));
+                }
+            }
+        }
         Ok(addr)
     })();
     let closed = hijack.close(fd);
@@ -74,12 +121,26 @@ pub fn map_near(
     near: (u64, u64),
     prot: i32,
 ) -> Result<Option<u64>, Error> {
+    map_regions_near(hijack, maps, name, size, near, prot, &[])
+}
+
+/// [`map_near`] with regions mapped with their own protection (see
+/// [`create_mapping`]).
+pub fn map_regions_near(
+    hijack: &mut Hijack<'_>,
+    maps: &[Mapping],
+    name: &str,
+    size: u64,
+    near: (u64, u64),
+    prot: i32,
+    regions: &[(u64, u64, i32)],
+) -> Result<Option<u64>, Error> {
     let mut maps = maps.to_vec();
     for _ in 0..4 {
         let Some(gap) = find_gap_near(&maps, near.0, near.1, size) else {
             return Ok(None);
         };
-        match create_named_mapping(hijack, name, size, Some(gap), prot, false) {
+        match create_mapping(hijack, name, size, Some(gap), prot, false, regions) {
             Ok(a) => return Ok(Some(a)),
             Err(Error::Process(suture_process::Error::Remote { .. })) => {
                 // Raced with the target's own mmap: treat the gap as taken.
@@ -122,24 +183,19 @@ pub fn new_arena(
     })
 }
 
-/// Write a linked image at its base and give each of its regions its
-/// final protection. Images are mapped read+execute from the start and
-/// written through `/proc/PID/mem`, so no region ever gains execute
-/// permission: that works in processes with memory-deny-write-execute
-/// (`PR_SET_MDWE`), and nothing is ever writable and executable at once.
+/// Write a linked image at its base, mapped with each region's final
+/// protection already ([`create_mapping`] with [`image_protections`]).
+/// Images are mapped read+execute from the start and written through
+/// `/proc/PID/mem`, so no region ever gains execute permission: that works
+/// in processes with memory-deny-write-execute (`PR_SET_MDWE`), nothing is
+/// ever writable and executable at once, and no `mprotect` is needed (a
+/// seccomp filter may forbid it).
 pub fn install_image(
-    hijack: &mut Hijack<'_>,
     proc: &suture_process::Process,
     image: &suture_elf::LinkedImage,
     base: u64,
 ) -> Result<(), Error> {
     proc.write_mem(base, &image.bytes)?;
-    for r in &image.regions {
-        let prot = (if r.prot.r { libc::PROT_READ } else { 0 })
-            | (if r.prot.w { libc::PROT_WRITE } else { 0 })
-            | (if r.prot.x { libc::PROT_EXEC } else { 0 });
-        hijack.mprotect(base + r.offset, page_up(r.len), prot)?;
-    }
     Ok(())
 }
 

@@ -535,21 +535,22 @@ fn apply_prepared(
     let name = format!("suture-patch:{}", desc.name);
     // Test-only: SUTURE_TEST_FAR_IMAGE places the image wherever the kernel
     // likes, to exercise the out-of-reach paths (PLT stubs, site stubs).
+    let prots = memory::image_protections(&layout.regions());
     let near_base = if std::env::var_os("SUTURE_TEST_FAR_IMAGE").is_some() {
         None
     } else {
-        memory::map_near(&mut h, &maps, &name, size, near, memory::PROT_RX)?
+        memory::map_regions_near(&mut h, &maps, &name, size, near, memory::PROT_RX, &prots)?
     };
     let base = match near_base {
         Some(a) => a,
-        None => memory::create_named_mapping(&mut h, &name, size, None, memory::PROT_RX, false)?,
+        None => memory::create_mapping(&mut h, &name, size, None, memory::PROT_RX, false, &prots)?,
     };
     undo.regions.push(Region {
         addr: base,
         len: size,
     });
     let image = link(&layout, base, &symbols)?;
-    memory::install_image(&mut h, &s.proc, &image, base)?;
+    memory::install_image(&s.proc, &image, base)?;
 
     // Slots for the new sites, in arenas near their objects.
     let mut slots: Vec<u64> = Vec::new();

@@ -58,7 +58,8 @@ pub fn load(h: &mut Hijack<'_>, proc: &Process, objects: &Objects) -> Result<Loa
         symbols.insert(name, a);
     }
     let size = page_up(layout.size());
-    let base = memory::create_named_mapping(h, NAME, size, None, memory::PROT_RX, false)?;
+    let prots = memory::image_protections(&layout.regions());
+    let base = memory::create_mapping(h, NAME, size, None, memory::PROT_RX, false, &prots)?;
     let loaded = (|| {
         let image = layout
             .link(base, &mut |n: &str| {
@@ -68,7 +69,7 @@ pub fn load(h: &mut Hijack<'_>, proc: &Process, objects: &Objects) -> Result<Loa
                     .ok_or_else(|| suture_elf::ResolveFailure::new(format!("unresolved {n}")))
             })
             .map_err(Error::Link)?;
-        memory::install_image(h, proc, &image, base)?;
+        memory::install_image(proc, &image, base)?;
         let mut exports = BTreeMap::new();
         for name in EXPORTS {
             let r = lib
