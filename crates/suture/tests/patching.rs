@@ -340,3 +340,31 @@ fn endbr64_stays_in_place() {
     ok(&["disable", &pid(&t), "global"]);
     all(&mut t, BASE);
 }
+
+#[test]
+fn apply_and_disable_report_how_long_they_held_the_target() {
+    let mut t = Target::standard("target");
+    let threads = std::fs::read_dir(format!("/proc/{}/task", t.pid))
+        .unwrap()
+        .count() as u64;
+    let a = json(&["apply", &pid(&t), &f("static.o"), "--json"]);
+    let h = &a["held"];
+    let n = |k: &str| {
+        h[k].as_u64()
+            .unwrap_or_else(|| panic!("held.{k} missing: {a}"))
+    };
+    // The transition's start stops every thread at once, once.
+    assert!(n("whole_stops") >= 1, "{a}");
+    assert_eq!(n("whole_threads"), threads, "{a}");
+    // All at once is a part of the longest wait in a whole stop.
+    assert!(n("whole_all_us") <= n("whole_held_us"), "{a}");
+    // Every thread was also stopped on its own, for its check.
+    assert!(n("thread_stops") >= threads, "{a}");
+    all(&mut t, (44, 101, 1001));
+    let text = ok(&["disable", &pid(&t), "static"]);
+    assert!(
+        text.contains("target held: all") && text.contains("single threads"),
+        "{text}"
+    );
+    all(&mut t, BASE);
+}
