@@ -249,6 +249,12 @@ impl Tracer<'_> {
             }
         };
         if report.is_none() && !interrupted {
+            // From here the thread waits for us: run boosted before it
+            // stops, so noticing its stop is not delayed either.
+            if let Some(t) = self.threads.get_mut(&tid) {
+                t.asked = Some(asked);
+            }
+            self.update_boost();
             // ESRCH: it is dying; the wait reports it.
             let _ = sys::interrupt(tid);
         }

@@ -249,12 +249,21 @@ fn signed(patch: &std::path::Path, require: bool) -> Result<()> {
 /// for it. The rest of the work runs at the priority suture was started
 /// with, so it never takes CPU time from the service. Best effort: without
 /// the right to raise it, suture runs as it was started.
-fn raise_priority() {
+/// The transition worker runs raised all the time: it only ever works for
+/// threads that wait for it (a pending thread at its trap, a sweep), and
+/// how fast it wakes up is part of their pause.
+fn raise_priority(worker: bool) {
     let nice = std::env::var("SUTURE_NICE")
         .ok()
         .and_then(|v| v.parse::<i32>().ok())
         .unwrap_or(-20);
-    suture_engine::set_hold_priority(nice);
+    if worker {
+        // SAFETY: setpriority on our own (single-threaded) process; no
+        // memory is involved.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    } else {
+        suture_engine::set_hold_priority(nice);
+    }
 }
 
 fn main() -> ExitCode {
@@ -267,7 +276,7 @@ fn main() -> ExitCode {
             | Command::Wait { .. }
             | Command::Worker { .. }
     ) {
-        raise_priority();
+        raise_priority(matches!(cli.command, Command::Worker { .. }));
     }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
