@@ -16,6 +16,7 @@ pub mod lock;
 pub mod memory;
 pub mod objects;
 pub mod ops;
+pub mod priority;
 pub mod record;
 pub mod report;
 pub mod resolve;
@@ -27,6 +28,7 @@ pub mod worker;
 pub mod write;
 
 pub use ops::{apply, check, disable, force, list, status, wait, worker_ready, WaitEnd};
+pub use priority::target_saturates_cpus;
 pub use report::{
     ApplyReport, CheckReport, DisableReport, ForceReport, ProcessEntry, StatusReport,
 };

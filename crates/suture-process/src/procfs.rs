@@ -17,6 +17,8 @@ pub(crate) struct Stat {
     pub ppid: i32,
     /// Field 22, in clock ticks since boot.
     pub start_time: u64,
+    /// Fields 14 and 15 (user and system time), in clock ticks.
+    pub cpu_ticks: u64,
 }
 
 impl Stat {
@@ -31,16 +33,15 @@ impl Stat {
 /// are counted from the last `)`.
 pub(crate) fn parse_stat(text: &str) -> Option<Stat> {
     let close = text.rfind(')')?;
-    let mut fields = text[close + 1..].split_whitespace();
-    // fields[0] is field 3 (state); field N is fields[N - 3].
-    let state = fields.next()?.chars().next()?;
-    let ppid = fields.next()?.parse().ok()?;
-    // We consumed fields 3 and 4; field 22 is 18 further on.
-    let start_time = fields.nth(17)?.parse().ok()?;
+    // f[0] is field 3 (state); field N is f[N - 3].
+    let f: Vec<&str> = text[close + 1..].split_whitespace().collect();
+    let field = |n: usize| f.get(n - 3).copied();
+    let num = |n: usize| field(n)?.parse::<u64>().ok();
     Some(Stat {
-        state,
-        ppid,
-        start_time,
+        state: field(3)?.chars().next()?,
+        ppid: field(4)?.parse().ok()?,
+        start_time: num(22)?,
+        cpu_ticks: num(14)? + num(15)?,
     })
 }
 

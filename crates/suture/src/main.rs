@@ -244,20 +244,19 @@ fn signed(patch: &std::path::Path, require: bool) -> Result<()> {
 
 /// Commands that operate on a process run at a raised priority (nice -20
 /// by default, `SUTURE_NICE` to choose) while they hold target threads
-/// stopped: a target whose threads keep every CPU busy would otherwise
-/// leave suture a sliver of CPU time, and every thread it holds would wait
-/// for it. The rest of the work runs at the priority suture was started
-/// with, so it never takes CPU time from the service. Best effort: without
-/// the right to raise it, suture runs as it was started.
-/// The transition worker runs raised all the time: it only ever works for
-/// threads that wait for it (a pending thread at its trap, a sweep), and
-/// how fast it wakes up is part of their pause.
-fn raise_priority(worker: bool) {
+/// stopped: every thread held waits for suture. The rest of the work runs
+/// at the priority suture was started with, so it never takes CPU time from
+/// a service that is serving, unless the target alone keeps every CPU busy
+/// (suture would then get a sliver of CPU time): then, and for the
+/// transition worker (it only ever works for threads that wait for it, and
+/// how fast it wakes up is part of their pause), all the time. Best effort:
+/// without the right to raise it, suture runs as it was started.
+fn raise_priority(pid: i32, worker: bool) {
     let nice = std::env::var("SUTURE_NICE")
         .ok()
         .and_then(|v| v.parse::<i32>().ok())
         .unwrap_or(-20);
-    if worker {
+    if worker || suture_engine::target_saturates_cpus(pid) {
         // SAFETY: setpriority on our own (single-threaded) process; no
         // memory is involved.
         unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
@@ -268,15 +267,13 @@ fn raise_priority(worker: bool) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if matches!(
-        cli.command,
-        Command::Apply { .. }
-            | Command::Disable { .. }
-            | Command::Force { .. }
-            | Command::Wait { .. }
-            | Command::Worker { .. }
-    ) {
-        raise_priority(matches!(cli.command, Command::Worker { .. }));
+    match cli.command {
+        Command::Apply { pid, .. }
+        | Command::Disable { pid, .. }
+        | Command::Force { pid, .. }
+        | Command::Wait { pid, .. } => raise_priority(pid, false),
+        Command::Worker { pid } => raise_priority(pid, true),
+        _ => {}
     }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

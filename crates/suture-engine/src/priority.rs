@@ -1,0 +1,37 @@
+//! At which priority suture should run for a given target.
+//!
+//! suture raises its priority while target threads wait for it (see
+//! `suture_process::set_hold_priority`). For the rest of its work the
+//! question is whether it would starve: only if the target alone keeps the
+//! CPUs busy. A service that is not saturated needs its CPU time more than
+//! suture does.
+
+use std::time::{Duration, Instant};
+
+/// Whether process `pid` keeps the CPUs busy on its own: over about 60 ms
+/// it used at least 60% of all of them, or on average at least as many of
+/// its threads as there are CPUs were runnable (many threads that each run
+/// briefly leave a thread of ordinary priority waiting behind them all).
+pub fn target_saturates_cpus(pid: i32) -> bool {
+    const SAMPLES: usize = 8;
+    let Ok(p) = suture_process::Process::open(pid) else {
+        return false;
+    };
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // SAFETY: sysconf only reads a constant of the system.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let t0 = Instant::now();
+    let Some(a) = p.cpu_ticks() else {
+        return false;
+    };
+    let mut runnable = 0;
+    for _ in 0..SAMPLES {
+        std::thread::sleep(Duration::from_millis(7));
+        runnable += p.runnable_threads();
+    }
+    let Some(b) = p.cpu_ticks() else {
+        return false;
+    };
+    let used = b.saturating_sub(a) as f64 / hz;
+    used >= 0.6 * cpus as f64 * t0.elapsed().as_secs_f64() || runnable >= cpus * SAMPLES
+}
