@@ -32,6 +32,8 @@ use iced_x86::{
 };
 
 pub mod dispatch;
+#[doc(hidden)]
+pub mod fuzzing;
 mod tables;
 
 pub use dispatch::{
