@@ -539,7 +539,9 @@ impl SitePlan {
     /// Branches and the jump back that are out of rel32 range are turned into
     /// absolute jumps through an 8-byte pointer stored after the code; only
     /// RIP-relative memory operands must be in range. A branch to the site's
-    /// own first instruction stays inside the copy.
+    /// own first instruction stays inside the copy; a RIP-relative operand
+    /// keeps its absolute address, even the site's (taking the function's
+    /// address).
     pub fn relocated_original(&self, at: u64) -> Result<Vec<u8>, PlanError> {
         self.relocated_original_map(at).map(|(code, _)| code)
     }
@@ -581,10 +583,48 @@ impl SitePlan {
         let result = BlockEncoder::encode(
             64,
             InstructionBlock::new(&block, at),
-            BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+            BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS
+                | BlockEncoderOptions::RETURN_CONSTANT_OFFSETS,
         )
         .map_err(|e| reloc_err(e.to_string()))?;
-        let code = result.code_buffer;
+        let mut code = result.code_buffer;
+        // The block encoder treats a RIP-relative operand that points at a
+        // copied instruction like a branch to it and points it at the copy.
+        // Only the site's first instruction can be such a target (plan_site
+        // refuses references to the rest), by an instruction that takes the
+        // function's address (`lea rdi, [rip+func]`): that address must stay
+        // the function's, so the displacement is set back to it.
+        for (k, ins) in self.instrs.iter().enumerate() {
+            if !ins.is_ip_rel_memory_operand() {
+                continue;
+            }
+            let target = ins.ip_rel_memory_address();
+            if !block.iter().any(|i| i.ip() == target) {
+                continue;
+            }
+            let fixed = (|| {
+                let off = *result.new_instruction_offsets.get(k)?;
+                let co = result.constant_offsets.get(k)?;
+                if off == u32::MAX || !co.has_displacement() || co.displacement_size() != 4 {
+                    return None;
+                }
+                let start = off as usize;
+                let len = Decoder::with_ip(64, code.get(start..)?, 0, DecoderOptions::NONE)
+                    .decode()
+                    .len();
+                let next = at.wrapping_add((start + len) as u64);
+                let disp = rel32(next, target)?.to_le_bytes();
+                let d = start + co.displacement_offset();
+                code.get_mut(d..d + 4)?.copy_from_slice(&disp);
+                Some(())
+            })();
+            if fixed.is_none() {
+                return Err(reloc_err(format!(
+                    "cannot keep the RIP-relative operand of the instruction at {:#x} pointing at {target:#x}",
+                    ins.ip()
+                )));
+            }
+        }
         if code.len() > max {
             return Err(reloc_err(format!(
                 "the relocated code is {} bytes, more than the {max} bytes reserved",
@@ -611,10 +651,11 @@ impl SitePlan {
         let taken = |a: u64| {
             a == 0
                 || a == self.resume_addr()
-                || self
-                    .instrs
-                    .iter()
-                    .any(|i| i.ip() == a || branch_target(i) == Some(a))
+                || self.instrs.iter().any(|i| {
+                    i.ip() == a
+                        || branch_target(i) == Some(a)
+                        || (i.is_ip_rel_memory_operand() && i.ip_rel_memory_address() == a)
+                })
         };
         (1..self.len as u64)
             .map(|d| self.site_addr.wrapping_add(d))

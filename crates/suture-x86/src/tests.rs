@@ -357,6 +357,44 @@ fn rip_relative_relocated() {
     assert!(e.to_string().contains("more than ±2 GiB"), "{e}");
 }
 
+/// Regression (found by the fuzz checker): the block encoder pointed a
+/// RIP-relative operand that takes the site's own address at the copy, so
+/// `f: lea rdi, [rip+f]; jmp register` registered the trampoline (the old
+/// code) instead of `f`.
+#[test]
+fn own_address_survives_relocation() {
+    const FUNC: u64 = 0x5555_0000_1000;
+    let code = asm(FUNC, |a| {
+        a.add_instruction(rip_rel(Code::Lea_r64_m, Register::RDI, FUNC))?;
+        a.add_instruction(rip_rel(Code::Lea_r64_m, Register::RSI, FUNC))?;
+        a.jmp(FUNC + 0x100)
+    });
+    let p = plan_site(FUNC, &code, &NoMemory).unwrap();
+    assert_eq!(p.len, 7);
+    // A branch back to the site start in the same copy still stays inside.
+    let looping = asm(FUNC, |a| {
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.dec(ecx)?;
+        a.jne(top)?;
+        a.add_instruction(rip_rel(Code::Lea_r64_m, Register::RDI, FUNC))?;
+        a.ret()
+    });
+    let q = plan_site(FUNC, &looping, &NoMemory).unwrap();
+    assert_eq!(q.instructions().len(), 3);
+    for at in [FUNC + 0x7000_0000, FUNC - 0x7000_0000, FUNC + 0x10] {
+        let r = decode_all(at, &p.relocated_original(at).unwrap());
+        assert_eq!(r[0].code(), Code::Lea_r64_m);
+        assert_eq!(r[0].ip_rel_memory_address(), FUNC);
+        assert_eq!(r[1].near_branch_target(), FUNC + 7);
+
+        let r = decode_all(at, &q.relocated_original(at).unwrap());
+        assert_eq!(r[1].near_branch_target(), at);
+        assert_eq!(r[2].code(), Code::Lea_r64_m);
+        assert_eq!(r[2].ip_rel_memory_address(), FUNC);
+    }
+}
+
 #[test]
 fn short_jcc_becomes_near_jcc() {
     // test edi,edi; je short L (L far into the function); ...
