@@ -636,7 +636,7 @@ impl SitePlan {
             .iter()
             .zip(&result.new_instruction_offsets)
             .filter(|(_, off)| **off != u32::MAX)
-            .map(|(ins, off)| (ins.ip(), at + *off as u64))
+            .map(|(ins, off)| (ins.ip(), at.wrapping_add(u64::from(*off))))
             .collect();
         Ok((code, map))
     }

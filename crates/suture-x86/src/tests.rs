@@ -395,6 +395,26 @@ fn own_address_survives_relocation() {
     }
 }
 
+/// Regression (found by the relocation property test in a debug build):
+/// the resume map added the copy's offsets to `at` without wrapping, an
+/// overflow panic for a copy at the very top of the address space.
+#[test]
+fn resume_map_wraps_at_top_of_address_space() {
+    const TOP: u64 = 0xffff_ffff_ffff_f000;
+    let code = asm(TOP, |a| {
+        a.push(rbp)?;
+        a.mov(rbp, rsp)?;
+        a.sub(rsp, 0x10)?;
+        a.ret()
+    });
+    let p = plan_site(TOP, &code, &NoMemory).unwrap();
+    let at = u64::MAX - 1;
+    let (reloc, map) = p.relocated_original_map(at).unwrap();
+    assert_eq!(map, vec![(TOP, at), (TOP + 1, u64::MAX), (TOP + 4, 2)]);
+    let r = decode_all(at, &reloc);
+    assert_eq!(r[0].code(), Code::Push_r64);
+}
+
 #[test]
 fn short_jcc_becomes_near_jcc() {
     // test edi,edi; je short L (L far into the function); ...
