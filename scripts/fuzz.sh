@@ -38,7 +38,9 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 
 export RUSTC_BOOTSTRAP=1
-flags=(--sanitizer none -O)
+# -a: debug assertions and overflow checks on, as in `cargo test`, so an
+# arithmetic overflow is a failure too.
+flags=(--sanitizer none -O -a)
 jobs="${FUZZ_JOBS:-1}"
 par=()
 if [ "$jobs" -gt 1 ]; then
