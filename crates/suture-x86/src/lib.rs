@@ -449,6 +449,28 @@ pub fn plan_site(func_addr: u64, code: &[u8], mem: &dyn Memory) -> Result<SitePl
     })
 }
 
+/// Whether `copy` (decoded elsewhere) is the same instruction as `orig`: same
+/// operation, operands and prefixes, and the same absolute address for an
+/// IP-relative operand (an EIP-relative one may have become RIP-relative);
+/// the encoding may differ (length, displacement size).
+fn same_instruction(orig: &Instruction, copy: &Instruction) -> bool {
+    let norm = |i: &Instruction| {
+        let mut n = *i;
+        n.set_ip(0);
+        n.set_len(0);
+        n.set_memory_displ_size(0);
+        if i.is_ip_rel_memory_operand() {
+            n.set_memory_base(iced_x86::Register::RIP);
+            n.set_memory_displacement64(0);
+        }
+        n
+    };
+    norm(orig) == norm(copy)
+        && orig.is_ip_rel_memory_operand() == copy.is_ip_rel_memory_operand()
+        && (!orig.is_ip_rel_memory_operand()
+            || orig.ip_rel_memory_address() == copy.ip_rel_memory_address())
+}
+
 /// Target of a direct near branch (jmp/jcc/loop/jrcxz/call/xbegin), if any.
 fn branch_target(ins: &Instruction) -> Option<u64> {
     use iced_x86::OpKind;
@@ -541,7 +563,9 @@ impl SitePlan {
     /// RIP-relative memory operands must be in range. A branch to the site's
     /// own first instruction stays inside the copy; a RIP-relative operand
     /// keeps its absolute address, even the site's (taking the function's
-    /// address).
+    /// address). Every copied instruction is decoded again and compared
+    /// with the original; one the encoder does not reproduce faithfully is
+    /// a [`PlanError::Relocation`].
     pub fn relocated_original(&self, at: u64) -> Result<Vec<u8>, PlanError> {
         self.relocated_original_map(at).map(|(code, _)| code)
     }
@@ -623,6 +647,34 @@ impl SitePlan {
                     "cannot keep the RIP-relative operand of the instruction at {:#x} pointing at {target:#x}",
                     ins.ip()
                 )));
+            }
+        }
+        // Check the encoder's work: every copied instruction that is not a
+        // branch (those are rebuilt from their target) must decode as the
+        // original did. iced 1.22 drops the REX prefix of 3DNow!
+        // instructions, so `pfadd mm0, [r8]` would become `pfadd mm0, [rax]`.
+        for (k, ins) in self.instrs.iter().enumerate() {
+            let off = result.new_instruction_offsets.get(k).copied();
+            if branch_target(ins).is_some() || off == Some(u32::MAX) {
+                continue;
+            }
+            let copy = off.and_then(|off| {
+                let ip = at.wrapping_add(u64::from(off));
+                let bytes = code.get(off as usize..)?;
+                Some(Decoder::with_ip(64, bytes, ip, DecoderOptions::NONE).decode())
+            });
+            match copy {
+                Some(copy) if same_instruction(ins, &copy) => {}
+                copy => {
+                    return Err(reloc_err(format!(
+                        "the instruction at +{:#x} ({ins}) is not re-encoded faithfully{}",
+                        ins.ip().wrapping_sub(self.func_addr),
+                        match copy {
+                            Some(c) => format!(" (it became {c})"),
+                            None => String::new(),
+                        }
+                    )))
+                }
             }
         }
         if code.len() > max {

@@ -415,6 +415,24 @@ fn resume_map_wraps_at_top_of_address_space() {
     assert_eq!(r[0].code(), Code::Push_r64);
 }
 
+/// Regression (found by fuzzing x86_plan): iced's encoder drops the REX
+/// prefix of 3DNow! instructions, so the copy of `pfadd mm0, [r8]` read
+/// `[rax]`. The relocation now checks every copied instruction and refuses.
+#[test]
+fn unfaithful_reencoding_refused() {
+    let code = [0x41, 0x0f, 0x0f, 0x00, 0x9e, 0xc3]; // pfadd mm0, [r8]; ret
+    let p = plan(&code).unwrap();
+    assert_eq!(p.len, 5);
+    let e = p.relocated_original(FUNC + 0x1000).unwrap_err();
+    assert!(matches!(e, PlanError::Relocation { .. }), "{e:?}");
+    assert!(e.to_string().contains("not re-encoded faithfully"), "{e}");
+    // The same instruction without REX copies fine.
+    let code = [0x0f, 0x0f, 0x00, 0x9e, 0x90, 0xc3];
+    let p = plan(&code).unwrap();
+    let r = decode_all(FUNC + 0x1000, &p.relocated_original(FUNC + 0x1000).unwrap());
+    assert_eq!(r[0].memory_base(), Register::RAX);
+}
+
 #[test]
 fn short_jcc_becomes_near_jcc() {
     // test edi,edi; je short L (L far into the function); ...
