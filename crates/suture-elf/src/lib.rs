@@ -12,6 +12,8 @@
 
 mod elf;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod link;
 pub mod patch;
 pub mod symbols;

@@ -32,6 +32,8 @@ use iced_x86::{
 };
 
 pub mod dispatch;
+#[doc(hidden)]
+pub mod fuzzing;
 mod tables;
 
 pub use dispatch::{
@@ -447,6 +449,28 @@ pub fn plan_site(func_addr: u64, code: &[u8], mem: &dyn Memory) -> Result<SitePl
     })
 }
 
+/// Whether `copy` (decoded elsewhere) is the same instruction as `orig`: same
+/// operation, operands and prefixes, and the same absolute address for an
+/// IP-relative operand (an EIP-relative one may have become RIP-relative);
+/// the encoding may differ (length, displacement size).
+fn same_instruction(orig: &Instruction, copy: &Instruction) -> bool {
+    let norm = |i: &Instruction| {
+        let mut n = *i;
+        n.set_ip(0);
+        n.set_len(0);
+        n.set_memory_displ_size(0);
+        if i.is_ip_rel_memory_operand() {
+            n.set_memory_base(iced_x86::Register::RIP);
+            n.set_memory_displacement64(0);
+        }
+        n
+    };
+    norm(orig) == norm(copy)
+        && orig.is_ip_rel_memory_operand() == copy.is_ip_rel_memory_operand()
+        && (!orig.is_ip_rel_memory_operand()
+            || orig.ip_rel_memory_address() == copy.ip_rel_memory_address())
+}
+
 /// Target of a direct near branch (jmp/jcc/loop/jrcxz/call/xbegin), if any.
 fn branch_target(ins: &Instruction) -> Option<u64> {
     use iced_x86::OpKind;
@@ -537,7 +561,11 @@ impl SitePlan {
     /// Branches and the jump back that are out of rel32 range are turned into
     /// absolute jumps through an 8-byte pointer stored after the code; only
     /// RIP-relative memory operands must be in range. A branch to the site's
-    /// own first instruction stays inside the copy.
+    /// own first instruction stays inside the copy; a RIP-relative operand
+    /// keeps its absolute address, even the site's (taking the function's
+    /// address). Every copied instruction is decoded again and compared
+    /// with the original; one the encoder does not reproduce faithfully is
+    /// a [`PlanError::Relocation`].
     pub fn relocated_original(&self, at: u64) -> Result<Vec<u8>, PlanError> {
         self.relocated_original_map(at).map(|(code, _)| code)
     }
@@ -579,10 +607,76 @@ impl SitePlan {
         let result = BlockEncoder::encode(
             64,
             InstructionBlock::new(&block, at),
-            BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+            BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS
+                | BlockEncoderOptions::RETURN_CONSTANT_OFFSETS,
         )
         .map_err(|e| reloc_err(e.to_string()))?;
-        let code = result.code_buffer;
+        let mut code = result.code_buffer;
+        // The block encoder treats a RIP-relative operand that points at a
+        // copied instruction like a branch to it and points it at the copy.
+        // Only the site's first instruction can be such a target (plan_site
+        // refuses references to the rest), by an instruction that takes the
+        // function's address (`lea rdi, [rip+func]`): that address must stay
+        // the function's, so the displacement is set back to it.
+        for (k, ins) in self.instrs.iter().enumerate() {
+            if !ins.is_ip_rel_memory_operand() {
+                continue;
+            }
+            let target = ins.ip_rel_memory_address();
+            if !block.iter().any(|i| i.ip() == target) {
+                continue;
+            }
+            let fixed = (|| {
+                let off = *result.new_instruction_offsets.get(k)?;
+                let co = result.constant_offsets.get(k)?;
+                if off == u32::MAX || !co.has_displacement() || co.displacement_size() != 4 {
+                    return None;
+                }
+                let start = off as usize;
+                let len = Decoder::with_ip(64, code.get(start..)?, 0, DecoderOptions::NONE)
+                    .decode()
+                    .len();
+                let next = at.wrapping_add((start + len) as u64);
+                let disp = rel32(next, target)?.to_le_bytes();
+                let d = start + co.displacement_offset();
+                code.get_mut(d..d + 4)?.copy_from_slice(&disp);
+                Some(())
+            })();
+            if fixed.is_none() {
+                return Err(reloc_err(format!(
+                    "cannot keep the RIP-relative operand of the instruction at {:#x} pointing at {target:#x}",
+                    ins.ip()
+                )));
+            }
+        }
+        // Check the encoder's work: every copied instruction that is not a
+        // branch (those are rebuilt from their target) must decode as the
+        // original did. iced 1.22 drops the REX prefix of 3DNow!
+        // instructions, so `pfadd mm0, [r8]` would become `pfadd mm0, [rax]`.
+        for (k, ins) in self.instrs.iter().enumerate() {
+            let off = result.new_instruction_offsets.get(k).copied();
+            if branch_target(ins).is_some() || off == Some(u32::MAX) {
+                continue;
+            }
+            let copy = off.and_then(|off| {
+                let ip = at.wrapping_add(u64::from(off));
+                let bytes = code.get(off as usize..)?;
+                Some(Decoder::with_ip(64, bytes, ip, DecoderOptions::NONE).decode())
+            });
+            match copy {
+                Some(copy) if same_instruction(ins, &copy) => {}
+                copy => {
+                    return Err(reloc_err(format!(
+                        "the instruction at +{:#x} ({ins}) is not re-encoded faithfully{}",
+                        ins.ip().wrapping_sub(self.func_addr),
+                        match copy {
+                            Some(c) => format!(" (it became {c})"),
+                            None => String::new(),
+                        }
+                    )))
+                }
+            }
+        }
         if code.len() > max {
             return Err(reloc_err(format!(
                 "the relocated code is {} bytes, more than the {max} bytes reserved",
@@ -594,7 +688,7 @@ impl SitePlan {
             .iter()
             .zip(&result.new_instruction_offsets)
             .filter(|(_, off)| **off != u32::MAX)
-            .map(|(ins, off)| (ins.ip(), at + *off as u64))
+            .map(|(ins, off)| (ins.ip(), at.wrapping_add(u64::from(*off))))
             .collect();
         Ok((code, map))
     }
@@ -609,10 +703,11 @@ impl SitePlan {
         let taken = |a: u64| {
             a == 0
                 || a == self.resume_addr()
-                || self
-                    .instrs
-                    .iter()
-                    .any(|i| i.ip() == a || branch_target(i) == Some(a))
+                || self.instrs.iter().any(|i| {
+                    i.ip() == a
+                        || branch_target(i) == Some(a)
+                        || (i.is_ip_rel_memory_operand() && i.ip_rel_memory_address() == a)
+                })
         };
         (1..self.len as u64)
             .map(|d| self.site_addr.wrapping_add(d))

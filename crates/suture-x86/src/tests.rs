@@ -357,6 +357,82 @@ fn rip_relative_relocated() {
     assert!(e.to_string().contains("more than ±2 GiB"), "{e}");
 }
 
+/// Regression (found by the fuzz checker): the block encoder pointed a
+/// RIP-relative operand that takes the site's own address at the copy, so
+/// `f: lea rdi, [rip+f]; jmp register` registered the trampoline (the old
+/// code) instead of `f`.
+#[test]
+fn own_address_survives_relocation() {
+    const FUNC: u64 = 0x5555_0000_1000;
+    let code = asm(FUNC, |a| {
+        a.add_instruction(rip_rel(Code::Lea_r64_m, Register::RDI, FUNC))?;
+        a.add_instruction(rip_rel(Code::Lea_r64_m, Register::RSI, FUNC))?;
+        a.jmp(FUNC + 0x100)
+    });
+    let p = plan_site(FUNC, &code, &NoMemory).unwrap();
+    assert_eq!(p.len, 7);
+    // A branch back to the site start in the same copy still stays inside.
+    let looping = asm(FUNC, |a| {
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.dec(ecx)?;
+        a.jne(top)?;
+        a.add_instruction(rip_rel(Code::Lea_r64_m, Register::RDI, FUNC))?;
+        a.ret()
+    });
+    let q = plan_site(FUNC, &looping, &NoMemory).unwrap();
+    assert_eq!(q.instructions().len(), 3);
+    for at in [FUNC + 0x7000_0000, FUNC - 0x7000_0000, FUNC + 0x10] {
+        let r = decode_all(at, &p.relocated_original(at).unwrap());
+        assert_eq!(r[0].code(), Code::Lea_r64_m);
+        assert_eq!(r[0].ip_rel_memory_address(), FUNC);
+        assert_eq!(r[1].near_branch_target(), FUNC + 7);
+
+        let r = decode_all(at, &q.relocated_original(at).unwrap());
+        assert_eq!(r[1].near_branch_target(), at);
+        assert_eq!(r[2].code(), Code::Lea_r64_m);
+        assert_eq!(r[2].ip_rel_memory_address(), FUNC);
+    }
+}
+
+/// Regression (found by the relocation property test in a debug build):
+/// the resume map added the copy's offsets to `at` without wrapping, an
+/// overflow panic for a copy at the very top of the address space.
+#[test]
+fn resume_map_wraps_at_top_of_address_space() {
+    const TOP: u64 = 0xffff_ffff_ffff_f000;
+    let code = asm(TOP, |a| {
+        a.push(rbp)?;
+        a.mov(rbp, rsp)?;
+        a.sub(rsp, 0x10)?;
+        a.ret()
+    });
+    let p = plan_site(TOP, &code, &NoMemory).unwrap();
+    let at = u64::MAX - 1;
+    let (reloc, map) = p.relocated_original_map(at).unwrap();
+    assert_eq!(map, vec![(TOP, at), (TOP + 1, u64::MAX), (TOP + 4, 2)]);
+    let r = decode_all(at, &reloc);
+    assert_eq!(r[0].code(), Code::Push_r64);
+}
+
+/// Regression (found by fuzzing x86_plan): iced's encoder drops the REX
+/// prefix of 3DNow! instructions, so the copy of `pfadd mm0, [r8]` read
+/// `[rax]`. The relocation now checks every copied instruction and refuses.
+#[test]
+fn unfaithful_reencoding_refused() {
+    let code = [0x41, 0x0f, 0x0f, 0x00, 0x9e, 0xc3]; // pfadd mm0, [r8]; ret
+    let p = plan(&code).unwrap();
+    assert_eq!(p.len, 5);
+    let e = p.relocated_original(FUNC + 0x1000).unwrap_err();
+    assert!(matches!(e, PlanError::Relocation { .. }), "{e:?}");
+    assert!(e.to_string().contains("not re-encoded faithfully"), "{e}");
+    // The same instruction without REX copies fine.
+    let code = [0x0f, 0x0f, 0x00, 0x9e, 0x90, 0xc3];
+    let p = plan(&code).unwrap();
+    let r = decode_all(FUNC + 0x1000, &p.relocated_original(FUNC + 0x1000).unwrap());
+    assert_eq!(r[0].memory_base(), Register::RAX);
+}
+
 #[test]
 fn short_jcc_becomes_near_jcc() {
     // test edi,edi; je short L (L far into the function); ...
