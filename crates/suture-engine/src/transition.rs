@@ -192,10 +192,14 @@ pub fn begin(
             initial: i,
         };
         let stub = regenerate_stub(region.addr, bits, &s)?;
+        // The trap starts off: it is worth its system call only once the
+        // worker traces the pending threads (`Driver::enable_traps`).
+        let mut bytes = stub.bytes;
+        bytes[(stub.trap_switch - s.addr) as usize] = 0;
         stub_writes.push(CodeWrite {
             addr: s.addr,
-            old: proc.read_mem(s.addr, stub.bytes.len())?,
-            bytes: stub.bytes,
+            old: proc.read_mem(s.addr, bytes.len())?,
+            bytes,
             guard_len: DISPATCH_MAX_LEN as u64,
             redirect: Vec::new(),
         });
@@ -465,6 +469,20 @@ impl<'a> Driver<'a> {
             };
             let switched = self.examine(tid, &regs)?;
             self.release(tracer, tid, switched, keep)?;
+        }
+        Ok(())
+    }
+
+    /// Turns on the trap of every dispatch stub of the transition: from now
+    /// on a pending thread that calls a function in transition makes the
+    /// stub's system call, where the worker (tracing it) checks it.
+    pub fn enable_traps(&mut self) -> Result<(), Error> {
+        let Some(t) = self.rec.transition.as_ref() else {
+            return Ok(());
+        };
+        for s in t.stubs.values() {
+            let stub = regenerate_stub(t.table.addr, t.bits, s)?;
+            self.proc.write_mem(stub.trap_switch, &[1])?;
         }
         Ok(())
     }

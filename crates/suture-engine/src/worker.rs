@@ -156,6 +156,9 @@ fn drive(s: &mut Session, me: WorkerRecord) -> Result<bool, Error> {
                     d.sweep(&mut tracer, true)?;
                     next_sweep = Instant::now() + SWEEP;
                     if !announced {
+                        // The pending threads are traced now: their traps
+                        // can be caught.
+                        d.enable_traps()?;
                         if let Some(t) = d.rec.transition.as_mut() {
                             t.worker = Some(me.clone());
                         }

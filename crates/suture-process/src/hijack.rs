@@ -170,6 +170,13 @@ impl Process {
             match self.hijack_thread(tid, share) {
                 Ok(h) => return Ok(h),
                 Err(Error::ThreadExited { .. }) => continue,
+                // Still ours from an earlier hold whose detach is pending
+                // (a thread that had not stopped yet): take another.
+                Err(Error::InvalidArgument { .. })
+                    if self.tracer_of(tid) == Some(sys::gettid()) =>
+                {
+                    continue
+                }
                 Err(e @ Error::Timeout { .. }) => last_timeout = Some(e),
                 Err(e) => return Err(e),
             }
@@ -184,6 +191,9 @@ impl Process {
 
     /// Like [`Process::hijack`], but borrows the given thread.
     pub fn hijack_thread(&self, tid: Tid, timeout: Duration) -> Result<Hijack<'_>> {
+        // A thread let go earlier but not yet detached (it had not stopped)
+        // is released first if it can be.
+        sys::release_abandoned(Duration::ZERO);
         let started = Instant::now();
         let boost = crate::boost::Boost::new();
         let deadline = started + timeout;

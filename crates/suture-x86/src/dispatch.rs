@@ -36,7 +36,9 @@
 //! 1. Fast path: hash `fs:0`, and if its home slot is empty, restore `rax`
 //!    and jump to `target`.
 //! 2. Otherwise probe the chain. Not found: `target`.
-//! 3. Found: the trap, a `getpid` system call. suture's transition worker
+//! 3. Found: if the stub's trap switch (a literal byte, see
+//!    [`DispatchStub::trap_switch`]) is off, `initial` at once. Otherwise the
+//!    trap, a `getpid` system call. suture's transition worker
 //!    (tracing with `PTRACE_SYSCALL`) recognises a thread at its
 //!    syscall-entry stop by `rip == trap_end`, inspects its stack (see
 //!    [`DispatchStub::pushed_words`]) and may remove it from the table.
@@ -100,6 +102,11 @@ pub struct DispatchStub {
     pub bytes: Vec<u8>,
     /// Address just after the trap's `syscall` instruction (rip at the syscall-entry stop).
     pub trap_end: u64,
+    /// Address of the trap switch, a byte in the stub's literals: 1 (as
+    /// built) makes a pending thread take the trap, 0 sends it straight to
+    /// `initial`. The trap is only worth its system call while a tracer
+    /// waits for it (suture's transition worker turns it on).
+    pub trap_switch: u64,
     at: u64,
     /// (offset, words pushed before the instruction runs) per instruction, by offset.
     depths: Vec<(u32, u8)>,
@@ -357,6 +364,7 @@ struct Assembled {
 struct Emitted {
     trap_end: CodeLabel,
     target_lit: CodeLabel,
+    switch_lit: CodeLabel,
     /// Number of instructions before the padding and literals.
     code_instrs: usize,
 }
@@ -386,6 +394,7 @@ fn assemble(p: &DispatchParams, pad: usize) -> Result<Assembled, String> {
         literals: label_ip(&e.target_lit)?,
         stub: DispatchStub {
             trap_end: label_ip(&e.trap_end)?,
+            trap_switch: label_ip(&e.switch_lit)?,
             bytes: result.inner.code_buffer.clone(),
             at: p.at,
             depths,
@@ -400,7 +409,8 @@ fn emit(b: &mut Builder, p: &DispatchParams, pad: usize) -> Result<Emitted, Iced
     let tp = || qword_ptr(0u64).fs();
     let [mut miss, mut occupied, mut miss3, mut trap, mut trap_end, mut pending] =
         std::array::from_fn(|_| b.a.create_label());
-    let [mut target_lit, mut initial_lit] = std::array::from_fn(|_| b.a.create_label());
+    let [mut target_lit, mut initial_lit, mut switch_lit] =
+        std::array::from_fn(|_| b.a.create_label());
 
     // Fast path: home slot empty.
     b.ins(|a| a.push(rax))?;
@@ -426,8 +436,11 @@ fn emit(b: &mut Builder, p: &DispatchParams, pad: usize) -> Result<Emitted, Iced
     b.ins(|a| a.pop(rcx))?;
     b.ins(|a| a.jmp(miss))?;
 
-    // Pending: trap (clobbers rax, rcx, r11, all saved or scratch), look again.
+    // Pending: with the switch off, straight to `initial`; else trap
+    // (clobbers rax, rcx, r11, all saved or scratch), look again.
     b.label(&mut trap, 3)?;
+    b.ins(|a| a.cmp(byte_ptr(switch_lit), 0))?;
+    b.ins(|a| a.je(pending))?;
     b.ins(|a| a.mov(eax, TRAP_SYSCALL))?;
     b.ins(|a| a.syscall())?;
     b.label(&mut trap_end, 3)?;
@@ -450,10 +463,13 @@ fn emit(b: &mut Builder, p: &DispatchParams, pad: usize) -> Result<Emitted, Iced
     b.ins(|a| a.dq(&[p.target]))?;
     b.label(&mut initial_lit, 0)?;
     b.ins(|a| a.dq(&[p.initial]))?;
+    b.label(&mut switch_lit, 0)?;
+    b.ins(|a| a.dq(&[1]))?;
 
     Ok(Emitted {
         trap_end,
         target_lit,
+        switch_lit,
         code_instrs,
     })
 }

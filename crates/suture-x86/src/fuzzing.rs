@@ -478,9 +478,12 @@ pub fn fuzz_dispatch(data: &[u8]) {
             assert!(stub.bytes.len() <= DISPATCH_MAX_LEN);
             assert_eq!(stub.at(), p.at);
             assert!(stub.contains(stub.trap_end));
-            let lit = stub.bytes.len() - 16;
+            // Literals: target, initial, the trap switch (on).
+            let lit = stub.bytes.len() - 24;
             assert_eq!(le64(&stub.bytes, lit), p.target);
             assert_eq!(le64(&stub.bytes, lit + 8), p.initial);
+            assert_eq!(le64(&stub.bytes, lit + 16), 1);
+            assert_eq!(stub.trap_switch, p.at.wrapping_add(lit as u64 + 16));
             // Every instruction up to the literals decodes and has a depth.
             let mut dec = Decoder::with_ip(64, &stub.bytes[..lit], p.at, DecoderOptions::NONE);
             while dec.can_decode() {

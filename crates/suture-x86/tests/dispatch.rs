@@ -123,6 +123,11 @@ struct Harness {
 
 impl Harness {
     fn new(bits: u32, slots: Vec<u64>) -> Self {
+        Self::with_switch(bits, slots, true)
+    }
+
+    /// A stub with its trap switch on (as built) or off.
+    fn with_switch(bits: u32, slots: Vec<u64>, trap: bool) -> Self {
         assert_eq!(slots.len(), 1 << bits);
         let mut exec = Exec::new();
         let stub = dispatch_stub(&DispatchParams {
@@ -133,7 +138,11 @@ impl Harness {
             initial: initial_fn as *const () as u64,
         })
         .unwrap();
-        exec.write(0, &stub.bytes);
+        let mut bytes = stub.bytes.clone();
+        if !trap {
+            bytes[(stub.trap_switch - stub.at()) as usize] = 0;
+        }
+        exec.write(0, &bytes);
         exec.seal();
         Harness { exec, bits, slots }
     }
@@ -357,7 +366,11 @@ fn check_structure(p: &DispatchParams, stub: &DispatchStub) -> Flow {
     let flow = simulate(stub);
     assert!(stub.bytes.len() <= DISPATCH_MAX_LEN);
     assert_eq!(stub.at(), p.at);
-    assert_eq!(flow.exits_before_trap, BTreeSet::from([p.target]));
+    // Before the trap: `target`, or `initial` when the trap switch is off.
+    assert_eq!(
+        flow.exits_before_trap,
+        BTreeSet::from([p.target, p.initial])
+    );
     assert_eq!(flow.exits_after_trap, BTreeSet::from([p.target, p.initial]));
     assert_eq!(flow.syscall_ends, BTreeSet::from([stub.trap_end]));
     assert_eq!(
@@ -476,9 +489,12 @@ proptest! {
         .map(|i| i.ip())
         .collect();
         prop_assert_eq!(linear, flow.instrs.keys().copied().collect::<Vec<_>>());
-        prop_assert!(stub.bytes[(code_end - at) as usize..stub.bytes.len() - 16]
+        // Then int3 padding, and the three literals (target, initial, the
+        // trap switch).
+        prop_assert!(stub.bytes[(code_end - at) as usize..stub.bytes.len() - 24]
             .iter()
             .all(|&b| b == 0xCC));
+        prop_assert_eq!(stub.trap_switch, at + stub.bytes.len() as u64 - 8);
     }
 }
 
@@ -505,6 +521,23 @@ fn absent_present_tombstoned() {
         // Other threads' entries only.
         let others: Vec<u64> = (1..=5).map(|i| tp.wrapping_add(i * 0x80_1000)).collect();
         assert_eq!(Harness::with_tps(bits, &others).call(ARGS), "target");
+    }
+}
+
+#[test]
+fn trap_switch_off_sends_pending_threads_to_initial_without_the_trap() {
+    let tp = thread_pointer();
+    for bits in [4, 12] {
+        let mut slots = vec![0; 1 << bits];
+        assert!(table_insert(&mut slots, bits, tp));
+        let quiet = Harness::with_switch(bits, slots.clone(), false);
+        assert_eq!(quiet.call(ARGS), "initial");
+        assert_eq!(quiet.call([1, 2, 3, 4, 5, 6]), "initial");
+        table_remove(&mut slots, bits, tp).unwrap();
+        assert_eq!(
+            Harness::with_switch(bits, slots, false).call(ARGS),
+            "target"
+        );
     }
 }
 
