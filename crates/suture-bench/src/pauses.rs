@@ -485,6 +485,12 @@ impl Results {
             let _ = writeln!(m, "| {t} | {f} | {met} |");
         }
         let _ = writeln!(m);
+        let _ = writeln!(
+            m,
+            "Why the 200 µs target is missed, and what would close it. suture stops the whole process twice per transition (its start and its end), to write the jumps and fill the pending table: the \"suture:\" columns show that every thread is stopped at once only for the write itself (tens of µs at 1-8 threads, about 2 ms at 512), but a thread waits in such a stop from its interrupt until the last thread has stopped and been released, which on 2 cores means until hundreds of other threads have been scheduled. \
+             The rest of each thread's gap is its own check (one stop, µs of work) plus the scheduling delay of being stopped and woken on a loaded 2-core machine, which the same-run baseline shows is already milliseconds. \
+             Closing it needs no whole-process stop at all: write each jump as the kernel's `text_poke_bp` does (an `int3` byte first, the other four bytes, then the first byte, each step followed by a check of every thread on its own), with a handler for the `int3` that sends a thread to the destination, so that each thread is only ever stopped for its own check.\n"
+        );
         m
     }
 
