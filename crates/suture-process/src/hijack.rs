@@ -197,7 +197,7 @@ impl Process {
         let started = Instant::now();
         let boost = crate::boost::Boost::new();
         let deadline = started + timeout;
-        if let Err(errno) = sys::seize(tid, false) {
+        if let Err(errno) = sys::seize_fresh(tid, |t| sys::seize(t, false)) {
             return Err(self.seize_error(tid, errno));
         }
         if sys::interrupt(tid).is_err() {

@@ -498,6 +498,28 @@ pub(crate) fn abandon(tid: Tid) {
 
 /// Detaches (or reaps) the abandoned threads that have stopped (or died) by
 /// now, waiting at most `wait` for the rest. Returns how many remain attached.
+/// Whether `tid` is one of the threads we let go of but could not detach
+/// yet.
+pub(crate) fn is_abandoned(tid: Tid) -> bool {
+    ABANDONED.with(|a| a.borrow().contains(&tid))
+}
+
+/// Seizes `tid` with `seize`; if it is still ours from an earlier hold
+/// (abandoned: it had not stopped when we let it go), waits a moment for
+/// that release to complete and tries once more.
+pub(crate) fn seize_fresh(tid: Tid, seize: impl Fn(Tid) -> nix::Result<()>) -> nix::Result<()> {
+    match seize(tid) {
+        Err(Errno::EPERM) if is_abandoned(tid) => {
+            let deadline = Instant::now() + Duration::from_millis(500);
+            while is_abandoned(tid) && Instant::now() < deadline {
+                release_abandoned(Duration::from_millis(20));
+            }
+            seize(tid)
+        }
+        r => r,
+    }
+}
+
 pub(crate) fn release_abandoned(wait: Duration) -> usize {
     let deadline = Instant::now() + wait;
     let mut backoff = Backoff::new();

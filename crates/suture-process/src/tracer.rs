@@ -529,7 +529,7 @@ impl Tracer<'_> {
             .thread_stat(tid)
             .filter(|s| !s.is_dead())
             .ok_or_else(|| self.process.vanished(tid))?;
-        if let Err(errno) = sys::seize_tracesysgood(tid) {
+        if let Err(errno) = sys::seize_fresh(tid, sys::seize_tracesysgood) {
             return Err(self.process.seize_error(tid, errno));
         }
         // A traced thread's id is not reused: check it is still the thread
