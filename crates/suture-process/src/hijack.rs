@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 
 use crate::sys::{self, Report};
-use crate::{Error, Process, Result, Tid};
+use crate::{Error, Process, ReturnGadgets, Result, Tid};
 
 /// How long one remote system call may take by default.
 pub const DEFAULT_SYSCALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -47,16 +47,49 @@ pub const DEFAULT_SYSCALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// interrupted code (the red zone).
 const RED_ZONE: u64 = 128;
 
-/// Every signal blocked except SIGTRAP (SIGKILL and SIGSTOP cannot be blocked).
-const HIJACK_MASK: u64 = !sig_bit(libc::SIGTRAP);
+/// The mask while the thread carries our registers: every signal blocked
+/// (SIGKILL and SIGSTOP cannot be).
+const HIJACK_MASK: u64 = !0;
+
+/// The mask of the single-step fallback: everything but SIGTRAP (blocking
+/// it would make the kernel reset a SIGTRAP handler on our single-step
+/// traps).
+const LEGACY_MASK: u64 = !sig_bit(libc::SIGTRAP);
 
 /// The mask during [`Hijack::call`]: the synchronous fault signals are
-/// unblocked too (see the module documentation).
+/// unblocked (see the module documentation).
 const CALL_MASK: u64 = HIJACK_MASK
     & !(sig_bit(libc::SIGSEGV)
         | sig_bit(libc::SIGBUS)
         | sig_bit(libc::SIGILL)
-        | sig_bit(libc::SIGFPE));
+        | sig_bit(libc::SIGFPE)
+        | sig_bit(libc::SIGTRAP));
+
+/// Bytes kept free between the red zone and the signal frame, for
+/// [`Hijack::memfd_create`]'s name (at most 250 bytes with its NUL).
+const SCRATCH: u64 = 512;
+
+/// Size of the x86-64 `struct rt_sigframe`: `pretcode` (8), `struct
+/// ucontext` (304), `struct siginfo` (128).
+const RT_SIGFRAME_SIZE: u64 = 440;
+
+/// `uc_flags` bits (arch/x86/include/uapi/asm/ucontext.h).
+const UC_FP_XSTATE: u64 = 0x1;
+const UC_SIGCONTEXT_SS: u64 = 0x2;
+const UC_STRICT_RESTORE_SS: u64 = 0x4;
+
+/// Kernel-internal restart codes a system call interrupted by a signal
+/// leaves in `rax` (include/linux/errno.h).
+const ERESTARTSYS: i64 = 512;
+const ERESTARTNOINTR: i64 = 513;
+const ERESTARTNOHAND: i64 = 514;
+const ERESTART_RESTARTBLOCK: i64 = 516;
+
+/// Test hook: when this environment variable names a point of the
+/// mechanism (`loaded`, `entry`, `exit`, `release-stop`, `release-mask`),
+/// the tracer SIGKILLs itself there. Used by the tests that check the
+/// target survives a tracer killed at any moment.
+const KILL_AT_ENV: &str = "SUTURE_TEST_HIJACK_KILL_AT";
 
 /// Return addresses for [`Hijack::call`], tried in order: canonical user
 /// addresses (below 2^47) far from where Linux puts mappings; the first one
@@ -76,6 +109,34 @@ const fn sig_bit(sig: i32) -> u64 {
     1u64 << (sig - 1)
 }
 
+/// SIGKILLs this process if [`KILL_AT_ENV`] names `point`.
+fn test_kill_point(point: &str) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if AT
+        .get_or_init(|| std::env::var(KILL_AT_ENV).ok())
+        .as_deref()
+        == Some(point)
+    {
+        // SAFETY: raise takes only an integer; SIGKILL ends the process.
+        unsafe { libc::raise(libc::SIGKILL) };
+    }
+}
+
+/// The kind of ptrace-stop the borrowed thread is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// An interrupt-stop, group-stop or event stop: inside the kernel's
+    /// signal-handling path, where restoring the registers lets the kernel
+    /// restart an interrupted system call.
+    Ptrace,
+    /// A signal-delivery-stop (also in the signal-handling path), in which
+    /// a signal can be injected on detach.
+    Signal,
+    /// The exit of one of our system calls (`PTRACE_SYSCALL`): the thread
+    /// returns to user space from here, past the signal-handling path.
+    SyscallExit,
+}
+
 /// How [`Hijack::run_to_signal`] resumes the thread.
 #[derive(Clone, Copy)]
 enum Resume {
@@ -85,10 +146,8 @@ enum Resume {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    /// In a ptrace-stop. `in_signal_stop`: the stop is a
-    /// signal-delivery-stop (after a single-step), in which a signal can be
-    /// injected on detach.
-    Stopped { in_signal_stop: bool },
+    /// In a ptrace-stop, of this kind.
+    Stopped(Stop),
     /// Resumed and not stopped again (only after a failed wait).
     Running,
     /// The thread died (or was detached).
@@ -106,6 +165,16 @@ pub struct Hijack<'p> {
     saved_regs: libc::user_regs_struct,
     saved_mask: u64,
     state: State,
+    /// The signal mask the thread has now.
+    mask_now: u64,
+    /// The code to return through (safe mechanism), or `None` for the
+    /// single-step fallback. Looked up on the first system call.
+    gadgets: Option<Option<ReturnGadgets>>,
+    /// Address of the signal frame written on the thread's stack, while it
+    /// is intact.
+    frame: Option<u64>,
+    /// The thread carries our registers (not its saved ones).
+    injected: bool,
     syscall_insn: Option<u64>,
     timeout: Duration,
     /// Signals sent by a process (e.g. a user's SIGTRAP, or a SIGSEGV that
@@ -187,7 +256,8 @@ impl Process {
         let started = Instant::now();
         let boost = crate::boost::Boost::new();
         let deadline = started + timeout;
-        if let Err(errno) = sys::seize(tid, false) {
+        // TRACESYSGOOD: our system-call stops are told apart from signals.
+        if let Err(errno) = sys::seize_tracesysgood(tid) {
             return Err(self.seize_error(tid, errno));
         }
         if sys::interrupt(tid).is_err() {
@@ -239,27 +309,23 @@ impl Process {
             }
         };
         self.abort_rseq_critical_section(tid, &mut saved_regs);
-        let mut h = Hijack {
+        Ok(Hijack {
             process: self,
             tid,
             saved_regs,
             saved_mask,
-            state: State::Stopped {
-                in_signal_stop: false,
-            },
+            state: State::Stopped(Stop::Ptrace),
+            mask_now: saved_mask,
+            gadgets: None,
+            frame: None,
+            injected: false,
             syscall_insn: None,
             timeout: DEFAULT_SYSCALL_TIMEOUT,
             held_signals: Vec::new(),
             started,
             boost: Some(boost),
             _not_send: PhantomData,
-        };
-        if let Err(errno) = sys::setsigmask(tid, HIJACK_MASK) {
-            let err = h.ptrace_failed("SETSIGMASK", errno);
-            let _ = h.release_inner();
-            return Err(err);
-        }
-        Ok(h)
+        })
     }
 
     /// If the thread was stopped inside an rseq critical section, do what
@@ -367,7 +433,7 @@ impl Hijack<'_> {
 
     fn ensure_stopped(&self) -> Result<()> {
         match self.state {
-            State::Stopped { .. } => Ok(()),
+            State::Stopped(_) => Ok(()),
             State::Gone => Err(self.process.vanished(self.tid)),
             State::Running => Err(Error::Timeout {
                 what: format!(
@@ -387,6 +453,243 @@ impl Hijack<'_> {
 
     fn syscall_named(&mut self, what: &str, nr: i64, args: [u64; 6]) -> Result<u64> {
         self.ensure_stopped()?;
+        let result = match self.safe_gadgets() {
+            Some(g) => match self.ensure_frame(g) {
+                Ok(frame) => self.syscall_safe(what, nr, args, g, frame)?,
+                // No room for the frame (e.g. the stack mapping ends just
+                // below the red zone): fall back to single-stepping.
+                Err(_) => {
+                    self.gadgets = Some(None);
+                    self.syscall_legacy(what, nr, args)?
+                }
+            },
+            None => self.syscall_legacy(what, nr, args)?,
+        };
+        let r = result as i64;
+        if (-4095..0).contains(&r) {
+            return Err(Error::Remote {
+                what: what.to_string(),
+                errno: Errno::from_raw(-r as i32),
+            });
+        }
+        Ok(result)
+    }
+
+    /// The return gadgets of the safe mechanism, or `None` if this borrow
+    /// uses the single-step fallback (the gadgets were not found, or the
+    /// caller chose a `syscall` instruction with
+    /// [`Hijack::set_syscall_insn`]).
+    fn safe_gadgets(&mut self) -> Option<ReturnGadgets> {
+        if self.syscall_insn.is_some() && self.gadgets.is_none() {
+            self.gadgets = Some(None);
+        }
+        *self
+            .gadgets
+            .get_or_insert_with(|| self.process.return_gadgets())
+    }
+
+    /// Sets the thread's signal mask (if it differs from the current one).
+    fn set_mask(&mut self, mask: u64) -> Result<()> {
+        if self.mask_now != mask {
+            if let Err(errno) = sys::setsigmask(self.tid, mask) {
+                return Err(self.ptrace_failed("SETSIGMASK", errno));
+            }
+            self.mask_now = mask;
+        }
+        Ok(())
+    }
+
+    /// The registers the thread must resume with if it restores itself
+    /// through the signal frame (no tracer left): the saved ones, except
+    /// that a system call the thread was interrupted in is set up to
+    /// restart, as the kernel does when no handler runs
+    /// (`arch_do_signal_or_restart`). `rt_sigreturn` sets `orig_rax` to -1,
+    /// so the kernel's own restart logic would not apply. For
+    /// `-ERESTART_RESTARTBLOCK` the original call is re-issued rather than
+    /// `restart_syscall`: `rt_sigreturn` resets the thread's restart block
+    /// (`restore_sigcontext`), so `restart_syscall` would fail with `EINTR`.
+    fn frame_regs(&self) -> libc::user_regs_struct {
+        let mut r = self.saved_regs;
+        if (r.orig_rax as i64) >= 0 {
+            let code = -(r.rax as i64);
+            if matches!(
+                code,
+                ERESTARTSYS | ERESTARTNOINTR | ERESTARTNOHAND | ERESTART_RESTARTBLOCK
+            ) {
+                r.rax = r.orig_rax;
+                r.rip = r.rip.wrapping_sub(2);
+            }
+        }
+        r
+    }
+
+    /// Writes (once per borrow, again after a function call) a genuine
+    /// `rt_sigframe` below the red zone whose `ucontext` holds the thread's
+    /// saved state (see the module documentation); returns its address.
+    fn ensure_frame(&mut self, g: ReturnGadgets) -> Result<u64> {
+        if let Some(frame) = self.frame {
+            return Ok(frame);
+        }
+        let fp = match sys::get_fpstate(self.tid) {
+            Ok(fp) => fp,
+            Err(errno) => return Err(self.ptrace_failed("GETREGSET (xstate)", errno)),
+        };
+        let (fp_image, xsave) = fp.signal_frame_image();
+        let rsp = self.saved_regs.rsp;
+        let no_room = || Error::InvalidArgument {
+            what: format!("stack pointer {rsp:#x} leaves no room for a signal frame"),
+        };
+        let fp_addr = rsp
+            .checked_sub(RED_ZONE + SCRATCH + fp_image.len() as u64)
+            .ok_or_else(no_room)?
+            & !63;
+        // As the kernel places it: `frame + 8` 16-byte aligned, as at a
+        // function's entry.
+        let frame = fp_addr
+            .checked_sub(RT_SIGFRAME_SIZE + 16)
+            .ok_or_else(no_room)?
+            & !15;
+        let frame = frame + 8;
+        let mut bytes = vec![0u8; (fp_addr - frame) as usize];
+        bytes.extend_from_slice(&fp_image);
+        let r = self.frame_regs();
+        let mut put = |off: usize, v: u64| bytes[off..off + 8].copy_from_slice(&v.to_le_bytes());
+        // struct rt_sigframe { char *pretcode; struct ucontext uc; siginfo_t info; }
+        put(0, g.restorer);
+        // struct ucontext { u64 uc_flags; ucontext *uc_link; stack_t uc_stack;
+        //                   struct sigcontext_64 uc_mcontext; sigset_t uc_sigmask; }
+        let flags = UC_SIGCONTEXT_SS | UC_STRICT_RESTORE_SS | if xsave { UC_FP_XSTATE } else { 0 };
+        put(8, flags);
+        // uc_link (16) and uc_stack (24..48) stay zero: restore_altstack
+        // ignores the error a zero stack_t gives, leaving the thread's
+        // alternate signal stack as it is.
+        const MC: usize = 48;
+        let gprs = [
+            r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15, r.rdi, r.rsi, r.rbp, r.rbx,
+            r.rdx, r.rax, r.rcx, r.rsp, r.rip, r.eflags,
+        ];
+        for (i, v) in gprs.into_iter().enumerate() {
+            put(MC + 8 * i, v);
+        }
+        // u16 cs, gs, fs, ss (gs and fs are ignored by the kernel).
+        let segs = (r.cs & 0xffff) | ((r.ss & 0xffff) << 48);
+        put(MC + 144, segs);
+        // err, trapno, oldmask, cr2
+        put(MC + 168, self.saved_mask);
+        put(MC + 184, fp_addr); // fpstate
+        put(MC + 256, self.saved_mask); // uc_sigmask
+        if let Err(e) = self.process.write_mem(frame, &bytes) {
+            self.process.ensure_alive()?;
+            return Err(e);
+        }
+        self.frame = Some(frame);
+        Ok(frame)
+    }
+
+    /// One system call, safe to abandon at any moment: the thread returns
+    /// through `syscall; ret` into the signal restorer (see the module
+    /// documentation). Leaves the thread in its syscall-exit stop.
+    fn syscall_safe(
+        &mut self,
+        what: &str,
+        nr: i64,
+        args: [u64; 6],
+        g: ReturnGadgets,
+        frame: u64,
+    ) -> Result<u64> {
+        let tid = self.tid;
+        let mut regs = self.saved_regs;
+        regs.rip = g.syscall_ret;
+        regs.rsp = frame;
+        regs.rax = nr as u64;
+        regs.rdi = args[0];
+        regs.rsi = args[1];
+        regs.rdx = args[2];
+        regs.r10 = args[3];
+        regs.r8 = args[4];
+        regs.r9 = args[5];
+        regs.eflags &= !EFLAGS_TF_DF;
+        // Not inside a system call any more: no restart on the way out.
+        regs.orig_rax = u64::MAX;
+        if let Err(errno) = sys::setregs(tid, &regs) {
+            return Err(self.ptrace_failed("SETREGS", errno));
+        }
+        self.injected = true;
+        // Only now: with our registers loaded, the frame restores the mask.
+        self.set_mask(HIJACK_MASK)?;
+        test_kill_point("loaded");
+        let deadline = Instant::now() + self.timeout;
+        let mut inject = 0;
+        loop {
+            if let Err(errno) = sys::syscall(tid, inject) {
+                return Err(self.ptrace_failed("SYSCALL", errno));
+            }
+            self.state = State::Running;
+            inject = 0;
+            match sys::wait_until(tid, deadline) {
+                None => return Err(self.timed_out(what)),
+                Some(Report::Gone) => {
+                    self.state = State::Gone;
+                    return Err(self.process.vanished(tid));
+                }
+                Some(Report::Interrupt | Report::GroupStop(_) | Report::PtraceEvent(_)) => {
+                    self.state = State::Stopped(Stop::Ptrace);
+                }
+                Some(Report::Signal(sys::SYSCALL_STOP)) => {
+                    // Until we know which: never release in an entry stop.
+                    self.state = State::Stopped(Stop::Ptrace);
+                    let (entry, now) = match sys::at_syscall_entry(tid)
+                        .and_then(|e| Ok((e, sys::getregs(tid)?)))
+                    {
+                        Ok(v) => v,
+                        Err(errno) => return Err(self.ptrace_failed("GET_SYSCALL_INFO", errno)),
+                    };
+                    if now.orig_rax != nr as u64 || now.rip != g.syscall_ret + 2 {
+                        return Err(Error::RemoteFault {
+                            what: format!(
+                                "executing {what} at {:#x} in thread {tid}: stopped in system call {} at {:#x}",
+                                g.syscall_ret, now.orig_rax as i64, now.rip
+                            ),
+                        });
+                    }
+                    if entry {
+                        test_kill_point("entry");
+                        continue;
+                    }
+                    self.state = State::Stopped(Stop::SyscallExit);
+                    test_kill_point("exit");
+                    return Ok(now.rax);
+                }
+                Some(Report::Signal(libc::SIGSTOP)) => {
+                    self.state = State::Stopped(Stop::Signal);
+                    inject = libc::SIGSTOP;
+                }
+                Some(Report::Signal(sig)) => {
+                    self.state = State::Stopped(Stop::Signal);
+                    let info = match sys::getsiginfo(tid) {
+                        Ok(i) => i,
+                        Err(errno) => return Err(self.ptrace_failed("GETSIGINFO", errno)),
+                    };
+                    if self.hold_if_user_sent(&info) {
+                        continue;
+                    }
+                    // A fault caused by our borrowed execution; it must not
+                    // reach the program.
+                    let rip = sys::getregs(tid).map_or(0, |r| r.rip);
+                    return Err(Error::RemoteFault {
+                        what: format!(
+                            "executing {what} at {:#x} in thread {tid} raised signal {sig} (rip {rip:#x})",
+                            g.syscall_ret
+                        ),
+                    });
+                }
+            }
+        }
+    }
+
+    /// One system call by single-stepping a `syscall` instruction (the
+    /// fallback where the safe mechanism's code was not found).
+    fn syscall_legacy(&mut self, what: &str, nr: i64, args: [u64; 6]) -> Result<u64> {
         let insn = match self.syscall_insn {
             Some(a) => a,
             None => {
@@ -410,6 +713,8 @@ impl Hijack<'_> {
         if let Err(errno) = sys::setregs(tid, &regs) {
             return Err(self.ptrace_failed("SETREGS", errno));
         }
+        self.injected = true;
+        self.set_mask(LEGACY_MASK)?;
         let deadline = Instant::now() + self.timeout;
         let result = loop {
             let (sig, now) = self.run_to_signal(Resume::Step, what, deadline)?;
@@ -431,13 +736,6 @@ impl Hijack<'_> {
                 ),
             });
         };
-        let r = result as i64;
-        if (-4095..0).contains(&r) {
-            return Err(Error::Remote {
-                what: what.to_string(),
-                errno: Errno::from_raw(-r as i32),
-            });
-        }
         Ok(result)
     }
 
@@ -490,14 +788,10 @@ impl Hijack<'_> {
                     // Our own single-step trap, a signal sent by a process
                     // (held) or a fault caused by us (suppressed).
                     self.hold_if_user_signal();
-                    self.state = State::Stopped {
-                        in_signal_stop: true,
-                    };
+                    self.state = State::Stopped(Stop::Signal);
                 }
                 Some(_) => {
-                    self.state = State::Stopped {
-                        in_signal_stop: false,
-                    };
+                    self.state = State::Stopped(Stop::Ptrace);
                 }
                 None => {}
             }
@@ -571,19 +865,27 @@ impl Hijack<'_> {
         regs.eflags &= !EFLAGS_TF_DF;
         // Not inside a system call any more: no restart on the way out.
         regs.orig_rax = u64::MAX;
-        let started = sys::setsigmask(tid, CALL_MASK)
-            .map_err(|e| ("SETSIGMASK", e))
-            .and_then(|_| sys::setregs(tid, &regs).map_err(|e| ("SETREGS", e)));
-        let outcome = match started {
-            Ok(()) => self.run_call(what, ret_addr),
-            Err((req, errno)) => Err(self.ptrace_failed(req, errno)),
+        // The callee's stack overwrites the signal frame, if any.
+        self.frame = None;
+        let outcome = match sys::setregs(tid, &regs) {
+            Ok(()) => {
+                self.injected = true;
+                self.set_mask(CALL_MASK)
+                    .and_then(|()| self.run_call(what, ret_addr))
+            }
+            Err(errno) => Err(self.ptrace_failed("SETREGS", errno)),
         };
-        // Restore whatever the call did to the thread's registers.
+        // Restore whatever the call did to the thread's registers, then its
+        // own signal mask: the thread is back in its saved state.
         let restored = match self.state {
-            State::Stopped { .. } => sys::setregs(tid, &self.saved_regs)
+            State::Stopped(_) => sys::setregs(tid, &self.saved_regs)
                 .map_err(|e| ("SETREGS", e))
                 .and_then(|_| sys::set_fpstate(tid, &fp).map_err(|e| ("SETREGSET (xstate)", e)))
-                .and_then(|_| sys::setsigmask(tid, HIJACK_MASK).map_err(|e| ("SETSIGMASK", e))),
+                .map(|()| self.injected = false)
+                .and_then(|_| {
+                    sys::setsigmask(tid, self.saved_mask).map_err(|e| ("SETSIGMASK", e))
+                })
+                .map(|()| self.mask_now = self.saved_mask),
             // Running: release() deals with it; Gone: nothing to restore.
             State::Running | State::Gone => Ok(()),
         };
@@ -657,14 +959,10 @@ impl Hijack<'_> {
                     return Err(self.process.vanished(tid));
                 }
                 Some(Report::Interrupt | Report::GroupStop(_) | Report::PtraceEvent(_)) => {
-                    self.state = State::Stopped {
-                        in_signal_stop: false,
-                    };
+                    self.state = State::Stopped(Stop::Ptrace);
                 }
                 Some(Report::Signal(sig)) => {
-                    self.state = State::Stopped {
-                        in_signal_stop: true,
-                    };
+                    self.state = State::Stopped(Stop::Signal);
                     if sig == libc::SIGSTOP {
                         inject = sig;
                         continue;
@@ -790,6 +1088,41 @@ impl Hijack<'_> {
             .map(|p| p as i32)
     }
 
+    /// From a syscall-exit stop, moves the thread into an interrupt-stop in
+    /// the kernel's signal-handling path, without running user code: only
+    /// there do restored registers of an interrupted blocking system call
+    /// make the kernel restart it. Returns the new state.
+    fn park_for_release(&mut self) -> State {
+        let tid = self.tid;
+        let deadline = Instant::now() + Duration::from_secs(1);
+        if sys::interrupt(tid).is_err() {
+            return State::Gone;
+        }
+        let mut inject = 0;
+        loop {
+            if sys::cont(tid, inject).is_err() {
+                return State::Gone;
+            }
+            inject = 0;
+            match sys::wait_until(tid, deadline) {
+                None => return State::Running,
+                Some(Report::Gone) => return State::Gone,
+                // Pass on a SIGSTOP; the thread then reports its group-stop.
+                Some(Report::Signal(libc::SIGSTOP)) => inject = libc::SIGSTOP,
+                Some(Report::Signal(sys::SYSCALL_STOP)) => {}
+                Some(Report::Signal(_)) => {
+                    self.hold_if_user_signal();
+                    test_kill_point("release-stop");
+                    return State::Stopped(Stop::Signal);
+                }
+                Some(_) => {
+                    test_kill_point("release-stop");
+                    return State::Stopped(Stop::Ptrace);
+                }
+            }
+        }
+    }
+
     /// Restores the saved registers exactly (including `orig_rax`, so an
     /// interrupted blocking system call restarts) and the signal mask, and
     /// detaches. Also done on drop (ignoring errors).
@@ -804,6 +1137,12 @@ impl Hijack<'_> {
             crate::hold::record_thread(self.started.elapsed());
         }
         let _boost = self.boost.take();
+        let state = if state == State::Stopped(Stop::SyscallExit) {
+            self.park_for_release()
+        } else {
+            state
+        };
+        self.state = State::Gone;
         match state {
             State::Gone => {
                 sys::reap(tid, Duration::from_millis(50));
@@ -828,9 +1167,20 @@ impl Hijack<'_> {
                     ),
                 })
             }
-            State::Stopped { in_signal_stop } => {
-                let restored = sys::setregs(tid, &self.saved_regs)
-                    .and_then(|_| sys::setsigmask(tid, self.saved_mask));
+            State::Stopped(stop) => {
+                let in_signal_stop = stop == Stop::Signal;
+                // With the safe mechanism, the mask first: until the
+                // registers are restored too, the frame restores it.
+                let safe = self.injected && self.frame.is_some();
+                let restored = if safe {
+                    sys::setsigmask(tid, self.saved_mask).and_then(|_| {
+                        test_kill_point("release-mask");
+                        sys::setregs(tid, &self.saved_regs)
+                    })
+                } else {
+                    sys::setregs(tid, &self.saved_regs)
+                        .and_then(|_| sys::setsigmask(tid, self.saved_mask))
+                };
                 let mut held = std::mem::take(&mut self.held_signals);
                 let mut sig = 0;
                 if let (Some(info), true) = (held.first(), in_signal_stop) {

@@ -361,6 +361,61 @@ pub(crate) enum FpState {
     Fpregs(Box<libc::user_fpregs_struct>),
 }
 
+/// `fx_sw_bytes.magic1` (`FP_XSTATE_MAGIC1`) and the word after the XSAVE
+/// area of a signal frame (`FP_XSTATE_MAGIC2`),
+/// arch/x86/include/uapi/asm/sigcontext.h.
+const FP_XSTATE_MAGIC1: u32 = 0x4650_5853;
+const FP_XSTATE_MAGIC2: u32 = 0x4650_5845;
+
+/// Offset of `sw_reserved` (`struct _fpx_sw_bytes`) in the 512-byte legacy
+/// FXSAVE area.
+const SW_RESERVED: usize = 464;
+
+const _: () = assert!(std::mem::size_of::<libc::user_fpregs_struct>() == 512);
+
+impl FpState {
+    /// The state as the `fpstate` of an x86-64 signal frame, and whether it
+    /// is in XSAVE form (`UC_FP_XSTATE`).
+    ///
+    /// `NT_X86_XSTATE` fills the area's `sw_reserved` with the kernel's
+    /// signal-frame `fx_sw_bytes` (`magic1`, `extended_size`, `xfeatures`,
+    /// `xstate_size`); a signal frame holds `xstate_size` bytes followed by
+    /// `FP_XSTATE_MAGIC2`. Without valid software bytes (or with
+    /// `PTRACE_GETFPREGS` only) it is the FXSAVE area alone, with
+    /// `sw_reserved` zeroed, which `rt_sigreturn` restores as x87/SSE only.
+    pub(crate) fn signal_frame_image(&self) -> (Vec<u8>, bool) {
+        let u32_at = |b: &[u8], off: usize| {
+            u32::from_le_bytes(b[off..off + 4].try_into().unwrap_or([0; 4]))
+        };
+        let mut fx = match self {
+            FpState::Xstate(buf) if buf.len() >= 512 => {
+                let magic1 = u32_at(buf, SW_RESERVED);
+                let extended = u32_at(buf, SW_RESERVED + 4) as usize;
+                let size = u32_at(buf, SW_RESERVED + 16) as usize;
+                if magic1 == FP_XSTATE_MAGIC1
+                    && size >= 512 + 64
+                    && size <= buf.len()
+                    && extended == size + 4
+                {
+                    let mut v = buf[..size].to_vec();
+                    v.extend_from_slice(&FP_XSTATE_MAGIC2.to_le_bytes());
+                    return (v, true);
+                }
+                buf[..512].to_vec()
+            }
+            FpState::Xstate(_) => vec![0; 512],
+            FpState::Fpregs(fp) => {
+                let p: *const libc::user_fpregs_struct = &**fp;
+                // SAFETY: user_fpregs_struct is 512 bytes of plain integers
+                // (the FXSAVE layout) with no padding; `p` points to one.
+                unsafe { std::slice::from_raw_parts(p.cast::<u8>(), 512) }.to_vec()
+            }
+        };
+        fx[SW_RESERVED..512].fill(0);
+        (fx, false)
+    }
+}
+
 /// Saves the thread's extended FP/vector state.
 pub(crate) fn get_fpstate(tid: Tid) -> nix::Result<FpState> {
     let mut buf = vec![0u8; XSTATE_MAX];
