@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 
 use crate::sys::{self, Report};
-use crate::{Error, Process, ReturnGadgets, Result, Tid};
+use crate::{Error, Process, Result, ReturnGadgets, Tid};
 
 /// How long one remote system call may take by default.
 pub const DEFAULT_SYSCALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -508,6 +508,11 @@ impl Hijack<'_> {
     /// `-ERESTART_RESTARTBLOCK` the original call is re-issued rather than
     /// `restart_syscall`: `rt_sigreturn` resets the thread's restart block
     /// (`restore_sigcontext`), so `restart_syscall` would fail with `EINTR`.
+    /// A thread already inside `restart_syscall` (borrowed again after an
+    /// earlier borrow restarted its call) no longer shows the original
+    /// number; it is read from the `mov $NR, %eax` (or `%rax`) right before
+    /// the `syscall` instruction, as in libc's wrappers; where that is not
+    /// found, `restart_syscall` stays (the call then fails with `EINTR`).
     fn frame_regs(&self) -> libc::user_regs_struct {
         let mut r = self.saved_regs;
         if (r.orig_rax as i64) >= 0 {
@@ -518,9 +523,27 @@ impl Hijack<'_> {
             ) {
                 r.rax = r.orig_rax;
                 r.rip = r.rip.wrapping_sub(2);
+                if r.orig_rax == libc::SYS_restart_syscall as u64 {
+                    if let Some(nr) = self.syscall_number_before(r.rip) {
+                        r.rax = nr;
+                    }
+                }
             }
         }
         r
+    }
+
+    /// The number a `mov $NR, %eax; syscall` or `mov $NR, %rax; syscall`
+    /// sequence ending with the `syscall` instruction at `insn` loads.
+    fn syscall_number_before(&self, insn: u64) -> Option<u64> {
+        // 48 c7 c0 imm32 0f 05 (mov $imm, %rax) or b8 imm32 0f 05 (mov $imm, %eax)
+        let b = self.process.read_mem(insn.checked_sub(7)?, 9).ok()?;
+        let mov = b[0..3] == [0x48, 0xc7, 0xc0] || b[2] == 0xb8;
+        if b[7..9] != [0x0f, 0x05] || !mov {
+            return None;
+        }
+        let nr = u32::from_le_bytes(b[3..7].try_into().ok()?);
+        (nr < 1024).then_some(u64::from(nr))
     }
 
     /// Writes (once per borrow, again after a function call) a genuine
@@ -882,9 +905,7 @@ impl Hijack<'_> {
                 .map_err(|e| ("SETREGS", e))
                 .and_then(|_| sys::set_fpstate(tid, &fp).map_err(|e| ("SETREGSET (xstate)", e)))
                 .map(|()| self.injected = false)
-                .and_then(|_| {
-                    sys::setsigmask(tid, self.saved_mask).map_err(|e| ("SETSIGMASK", e))
-                })
+                .and_then(|_| sys::setsigmask(tid, self.saved_mask).map_err(|e| ("SETSIGMASK", e)))
                 .map(|()| self.mask_now = self.saved_mask),
             // Running: release() deals with it; Gone: nothing to restore.
             State::Running | State::Gone => Ok(()),

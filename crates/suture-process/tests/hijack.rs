@@ -297,7 +297,12 @@ fn target_exiting_during_hijack_reports_exited() {
 fn target_exiting_while_hijack_is_dropped() {
     let mut target = Target::start("exiter");
     let process = Process::open(target.pid).unwrap();
+    // Borrow the main thread (in pause()), not the worker that must read
+    // the byte: under load the main thread may not be asleep yet, and a
+    // running thread ranks after sleeping ones.
+    target.wait_in_syscall(target.pid, libc::SYS_pause);
     let hj = process.hijack(T).unwrap();
+    assert_eq!(hj.tid(), target.pid);
     target.send("x");
     target.wait_eof();
     drop(hj); // must not panic or hang
