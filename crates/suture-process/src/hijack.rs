@@ -1,36 +1,95 @@
 //! Borrowing one thread of the target to execute system calls in it.
 //!
-//! How it works: the thread is seized (`PTRACE_SEIZE`) and stopped with
-//! `PTRACE_INTERRUPT`; its registers and signal mask are saved. For each
-//! system call the registers are pointed at a `syscall` instruction with the
-//! arguments loaded and `orig_rax = -1` (so the kernel's syscall-restart
-//! logic leaves them alone), and the thread single-steps over it. At the end
-//! the saved registers (including `orig_rax`) are written back while the
-//! thread sits in a stop inside the kernel's signal-handling path, so an
-//! interrupted blocking system call (e.g. `read`, `nanosleep`) is restarted
-//! by the kernel on detach exactly as after any signal.
+//! The first rule: if suture is killed at any moment (SIGKILL, so nothing
+//! of ours runs), the kernel detaches the thread and it must carry on
+//! exactly as if it had never been borrowed. So every injected system call
+//! is built to be safe to abandon: the thread finishes it and then restores
+//! its own original state.
 //!
-//! Signals: while borrowed, the thread's signal mask blocks everything but
-//! `SIGTRAP` (blocking it would make the kernel reset a `SIGTRAP` handler on
-//! our single-step traps), so signals meant for the process go to other
-//! threads or stay pending until release. A signal that reaches the thread
+//! How it works: the thread is seized (`PTRACE_SEIZE` with
+//! `PTRACE_O_TRACESYSGOOD`) and stopped with `PTRACE_INTERRUPT`; its
+//! registers and signal mask are saved. Before the first system call, a
+//! genuine x86-64 `rt_sigframe` is written on the thread's stack below the
+//! red zone (and below a small scratch area, see
+//! [`Hijack::memfd_create`]): its `ucontext` holds the saved registers
+//! (`cs`/`ss` included; `uc_flags` = `UC_FP_XSTATE` | `UC_SIGCONTEXT_SS` |
+//! `UC_STRICT_RESTORE_SS` as the kernel sets them), the saved signal mask,
+//! an all-zero `uc_stack` (`restore_altstack` ignores the error it gives, so
+//! the alternate signal stack is left as it is) and a pointer to a 64-byte
+//! aligned copy of the thread's XSAVE area (`NT_X86_XSTATE`) with the
+//! signal-frame software bytes and `FP_XSTATE_MAGIC2` (see
+//! `FpState::signal_frame_image` in `sys.rs`; an FXSAVE-only area without
+//! them where XSAVE is unavailable). Its `pretcode` word holds the address
+//! of a signal restorer found in the target's code (`mov $15, %rax;
+//! syscall`, glibc's and musl's `__restore_rt`).
+//!
+//! For each system call the registers get the number and arguments, `rip`
+//! = a `syscall; ret` sequence found in the target's code (libc, vDSO),
+//! `rsp` = the frame, `orig_rax = -1`; the signal mask becomes "everything
+//! blocked" only once these registers are in place. The thread runs under
+//! `PTRACE_SYSCALL`: suture sees the entry stop, then the exit stop, reads
+//! `rax` there and loads the next call's registers. Nothing sets the trap
+//! flag. Without suture the thread runs on: the call completes, `ret` pops
+//! the restorer, whose `rt_sigreturn` restores every register, the mask
+//! and the FP/vector state from the frame, and the thread continues where
+//! it was borrowed. The registers in the frame are those of a restarted
+//! system call where the kernel would restart one (a thread borrowed inside
+//! a blocking call: `rax = -ERESTART*`, `orig_rax` = the call), because
+//! `rt_sigreturn` disables the kernel's own restart logic: `rip -= 2` and
+//! `rax` = the call (also for `-ERESTART_RESTARTBLOCK`, since
+//! `rt_sigreturn` resets the restart block and `restart_syscall` would
+//! fail with `EINTR`; a relative sleep then starts over; a thread found
+//! already inside `restart_syscall` gets the number from the `mov $NR,
+//! %eax` before its `syscall` instruction, else `restart_syscall` stays
+//! and the call fails with `EINTR`). The gadgets are searched once per
+//! [`Process`].
+//!
+//! On release (suture alive) the thread is first moved from its
+//! syscall-exit stop into an interrupt-stop (`PTRACE_INTERRUPT` then
+//! `PTRACE_CONT`; it reports before returning to user space); there the
+//! saved mask and then the saved registers (including `orig_rax`) are
+//! written back and the thread is detached: this stop is inside the
+//! kernel's signal-handling path, so an interrupted blocking system call
+//! (e.g. `read`, `nanosleep`) is restarted by the kernel exactly as after
+//! any signal. Until the registers are restored, the frame restores the
+//! mask too, so no moment leaves the thread with our mask and its own
+//! registers.
+//!
+//! Fallback: if the gadgets are not found, the caller chose a `syscall`
+//! instruction with [`Hijack::set_syscall_insn`], or there is no room for
+//! the frame, system calls single-step a `syscall` instruction as before
+//! (trap flag set, mask = everything but `SIGTRAP`). That mechanism is
+//! **not** safe to abandon: a tracer killed meanwhile leaves the thread
+//! with the trap flag or our registers (the process may die of SIGTRAP).
+//! Also not covered: a thread with a CET user shadow stack (its
+//! `rt_sigreturn` would expect a shadow-stack token we do not write).
+//!
+//! Signals: while borrowed, the thread's signal mask blocks everything, so
+//! signals meant for the process go to other threads or stay pending
+//! (with their `siginfo`) until release. A signal that reaches the thread
 //! before it is stopped is delivered as it would have been. A `SIGSTOP` is
 //! passed on (the process stops as asked; the thread stays usable and
-//! re-enters the group-stop on release). A user-sent `SIGTRAP` is held and
-//! re-injected with its original `siginfo` on release.
+//! re-enters the group-stop on release).
 //!
-//! Function calls ([`Hijack::call`]): the thread runs the function freely
-//! (`PTRACE_CONT`) on its own stack, below the red zone, with a return
-//! address that is canonical but unmapped, so the final `ret` faults with
-//! `SIGSEGV` at exactly that address; we catch that signal-delivery-stop and
-//! suppress the signal. During a call the synchronous fault signals
+//! Function calls ([`Hijack::call`]) are not yet safe to abandon: the
+//! thread runs the function freely (`PTRACE_CONT`) on its own stack, below
+//! the red zone, with a return address that is canonical but unmapped, so
+//! the final `ret` faults with `SIGSEGV` at exactly that address; we catch
+//! that signal-delivery-stop and suppress the signal (without a tracer the
+//! process would die of it). During a call the synchronous fault signals
 //! (`SIGSEGV`, `SIGBUS`, `SIGILL`, `SIGFPE`, `SIGTRAP`) stay unblocked: if
 //! they were blocked the kernel would reset the program's handlers for them
 //! to `SIG_DFL` when forcing the fault. A fault anywhere else is the
 //! callee's crash: it is suppressed, the registers (general-purpose and
-//! extended FP/vector state) are restored and [`Error::CallFault`] returned.
-//! Such signals sent by other processes meanwhile are held and re-injected
-//! on release.
+//! extended FP/vector state) and the thread's own mask are restored and
+//! [`Error::CallFault`] returned. Such signals sent by other processes
+//! meanwhile are held and re-injected on release. The callee's stack
+//! overwrites the signal frame, which is written again before the next
+//! system call.
+//!
+//! Test hook: the environment variable `SUTURE_TEST_HIJACK_KILL_AT` (see
+//! `KILL_AT_ENV`) makes the tracer SIGKILL itself at a named point of the
+//! mechanism (`tests/hijack_killed.rs`).
 
 use std::marker::PhantomData;
 use std::time::{Duration, Instant};
@@ -807,6 +866,19 @@ impl Hijack<'_> {
                     inject = Some(libc::SIGSTOP);
                     continue;
                 }
+                Some(Report::Signal(sys::SYSCALL_STOP)) => match sys::at_syscall_entry(tid) {
+                    // Our system call, interrupted (or done) at last: the
+                    // release goes through `park_for_release`.
+                    Ok(false) => self.state = State::Stopped(Stop::SyscallExit),
+                    // Never left in an entry stop: let it run to the exit.
+                    Ok(true) => {
+                        if sys::syscall(tid, 0).is_ok() {
+                            continue;
+                        }
+                        self.state = State::Running;
+                    }
+                    Err(_) => self.state = State::Gone,
+                },
                 Some(Report::Signal(_)) => {
                     // Our own single-step trap, a signal sent by a process
                     // (held) or a fault caused by us (suppressed).
