@@ -57,9 +57,10 @@
 //!
 //! Fallback: if the gadgets are not found, the caller chose a `syscall`
 //! instruction with [`Hijack::set_syscall_insn`], or there is no room for
-//! the frame, system calls single-step a `syscall` instruction as before
-//! (trap flag set, mask = everything but `SIGTRAP`). That mechanism is
-//! **not** safe to abandon: a tracer killed meanwhile leaves the thread
+//! the frame (or the trampoline page below cannot be mapped, for calls),
+//! system calls single-step a `syscall` instruction as before (trap flag
+//! set, mask = everything but `SIGTRAP`). That mechanism is **not** safe
+//! to abandon: a tracer killed meanwhile leaves the thread
 //! with the trap flag or our registers (the process may die of SIGTRAP).
 //! Also not covered: a thread with a CET user shadow stack (its
 //! `rt_sigreturn` would expect a shadow-stack token we do not write).
@@ -71,21 +72,35 @@
 //! passed on (the process stops as asked; the thread stays usable and
 //! re-enters the group-stop on release).
 //!
-//! Function calls ([`Hijack::call`]) are not yet safe to abandon: the
-//! thread runs the function freely (`PTRACE_CONT`) on its own stack, below
-//! the red zone, with a return address that is canonical but unmapped, so
-//! the final `ret` faults with `SIGSEGV` at exactly that address; we catch
-//! that signal-delivery-stop and suppress the signal (without a tracer the
-//! process would die of it). During a call the synchronous fault signals
-//! (`SIGSEGV`, `SIGBUS`, `SIGILL`, `SIGFPE`, `SIGTRAP`) stay unblocked: if
-//! they were blocked the kernel would reset the program's handlers for them
-//! to `SIG_DFL` when forcing the fault. A fault anywhere else is the
-//! callee's crash: it is suppressed, the registers (general-purpose and
-//! extended FP/vector state) and the thread's own mask are restored and
-//! [`Error::CallFault`] returned. Such signals sent by other processes
-//! meanwhile are held and re-injected on release. The callee's stack
-//! overwrites the signal frame, which is written again before the next
-//! system call.
+//! Function calls ([`Hijack::call`]) are safe to abandon the same way. On
+//! the first call one page is mapped in the target (read + execute,
+//! unmapped on release; left behind only if suture is killed) holding a
+//! trampoline: `mov %rax, %rdi; mov $15, %eax; syscall`. The frame's
+//! `pretcode` then holds the trampoline's address and the callee starts
+//! with `rsp` = the frame, so its `ret` enters the trampoline, which calls
+//! `rt_sigreturn` on the frame with the result in `rdi`. The thread runs
+//! under `PTRACE_SYSCALL` (the callee's own system calls pass through);
+//! suture reads the result at the entry stop of that `rt_sigreturn` and
+//! lets it run: the thread is back in its saved state (registers, mask,
+//! FP state). Without suture the thread simply continues where it was
+//! borrowed. Because `rt_sigreturn` resets the thread's restart block, a
+//! thread borrowed inside a call to be restarted through it
+//! (`-ERESTART_RESTARTBLOCK`, e.g. `nanosleep`) is released with the
+//! original call set up to be re-issued rather than relying on
+//! `restart_syscall` (see `Hijack::release_regs`). Where the single-step
+//! fallback applies, calls use the older mechanism: the return address is
+//! canonical but unmapped and the final `ret` faults with `SIGSEGV` there
+//! (fatal without a tracer).
+//!
+//! During a call the synchronous fault signals (`SIGSEGV`, `SIGBUS`,
+//! `SIGILL`, `SIGFPE`, `SIGTRAP`) stay unblocked: if they were blocked the
+//! kernel would reset the program's handlers for them to `SIG_DFL` when
+//! forcing the fault. A fault is the callee's crash: it is suppressed, the
+//! registers (general-purpose and extended FP/vector state) and the
+//! thread's own mask are restored and [`Error::CallFault`] returned. Such
+//! signals sent by other processes meanwhile are held and re-injected on
+//! release. The callee's stack lies below the signal frame, whose
+//! `pretcode` is set back to the restorer before the next system call.
 //!
 //! Test hook: the environment variable `SUTURE_TEST_HIJACK_KILL_AT` (see
 //! `KILL_AT_ENV`) makes the tracer SIGKILL itself at a named point of the
@@ -145,7 +160,8 @@ const ERESTARTNOHAND: i64 = 514;
 const ERESTART_RESTARTBLOCK: i64 = 516;
 
 /// Test hook: when this environment variable names a point of the
-/// mechanism (`loaded`, `entry`, `exit`, `release-stop`, `release-mask`),
+/// mechanism (`loaded`, `entry`, `exit`, `release-stop`, `release-mask`,
+/// `call-loaded`, `call-return`),
 /// the tracer SIGKILLs itself there. Used by the tests that check the
 /// target survives a tracer killed at any moment.
 const KILL_AT_ENV: &str = "SUTURE_TEST_HIJACK_KILL_AT";
@@ -234,6 +250,12 @@ pub struct Hijack<'p> {
     frame: Option<u64>,
     /// The thread carries our registers (not its saved ones).
     injected: bool,
+    /// Our return trampoline for [`Hijack::call`] (one page, unmapped on
+    /// release).
+    trampoline: Option<u64>,
+    /// A call returned through `rt_sigreturn`, which reset the thread's
+    /// restart block (see [`Hijack::release_regs`]).
+    sigreturned: bool,
     syscall_insn: Option<u64>,
     timeout: Duration,
     /// Signals sent by a process (e.g. a user's SIGTRAP, or a SIGSEGV that
@@ -378,6 +400,8 @@ impl Process {
             gadgets: None,
             frame: None,
             injected: false,
+            trampoline: None,
+            sigreturned: false,
             syscall_insn: None,
             timeout: DEFAULT_SYSCALL_TIMEOUT,
             held_signals: Vec::new(),
@@ -588,6 +612,24 @@ impl Hijack<'_> {
                     }
                 }
             }
+        }
+        r
+    }
+
+    /// The registers written back on release: the saved ones, so the
+    /// kernel restarts an interrupted system call; except when the thread
+    /// was borrowed inside a call to be restarted through its restart
+    /// block (`-ERESTART_RESTARTBLOCK`) and a [`Hijack::call`] returned
+    /// through `rt_sigreturn` meanwhile, which reset that block
+    /// (`restart_syscall` would fail with `EINTR`): then the original call
+    /// is re-issued as in the signal frame ([`Hijack::frame_regs`]).
+    fn release_regs(&self) -> libc::user_regs_struct {
+        let r = self.saved_regs;
+        if self.sigreturned && (r.orig_rax as i64) >= 0 && -(r.rax as i64) == ERESTART_RESTARTBLOCK
+        {
+            let mut f = self.frame_regs();
+            f.orig_rax = u64::MAX;
+            return f;
         }
         r
     }
@@ -929,6 +971,13 @@ impl Hijack<'_> {
             });
         }
         self.ensure_stopped()?;
+        if let Some(g) = self.safe_gadgets() {
+            if let Ok(trampoline) = self.call_trampoline() {
+                if let Ok(frame) = self.ensure_frame(g) {
+                    return self.call_safe(what, func, args, frame, trampoline);
+                }
+            }
+        }
         let tid = self.tid;
         let ret_addr = self.call_return_address()?;
         let rsp = self.saved_regs.rsp;
@@ -986,6 +1035,179 @@ impl Hijack<'_> {
             (Err(e), _) => Err(e),
             (Ok(_), Err((req, errno))) => Err(self.ptrace_failed(req, errno)),
             (Ok(v), Ok(())) => Ok(v),
+        }
+    }
+
+    /// Our return trampoline, mapped (read + execute) on first use:
+    /// `mov %rax, %rdi; mov $15, %eax; syscall` (`rt_sigreturn`, with the
+    /// callee's result in `rdi` for us to read at the entry stop).
+    fn call_trampoline(&mut self) -> Result<u64> {
+        if let Some(t) = self.trampoline {
+            return Ok(t);
+        }
+        const CODE: [u8; 10] = [0x48, 0x89, 0xc7, 0xb8, 0x0f, 0, 0, 0, 0x0f, 0x05];
+        let page = self.mmap(
+            0,
+            4096,
+            libc::PROT_READ | libc::PROT_EXEC,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )?;
+        self.trampoline = Some(page);
+        self.process.write_mem(page, &CODE)?;
+        Ok(page)
+    }
+
+    /// A function call safe to abandon: the callee returns (its `ret` pops
+    /// the frame's `pretcode`) into our trampoline, which moves the result
+    /// to `rdi` and calls `rt_sigreturn` on the signal frame. Under
+    /// `PTRACE_SYSCALL` we read the result at that call's entry stop and
+    /// let it run: the thread is back in its saved state (registers, mask,
+    /// FP state), in the syscall-exit stop. Without suture it continues
+    /// where it was borrowed.
+    fn call_safe(
+        &mut self,
+        what: &str,
+        func: u64,
+        args: &[u64],
+        frame: u64,
+        trampoline: u64,
+    ) -> Result<u64> {
+        let tid = self.tid;
+        // The callee runs on the stack below the frame and returns through
+        // `pretcode`; the frame is written again (restorer) before the next
+        // system call.
+        self.frame = None;
+        self.process.write_mem(frame, &trampoline.to_le_bytes())?;
+        let fp = match sys::get_fpstate(tid) {
+            Ok(fp) => fp,
+            Err(errno) => return Err(self.ptrace_failed("GETREGSET (xstate)", errno)),
+        };
+        let mut regs = self.saved_regs;
+        regs.rip = func;
+        regs.rsp = frame;
+        regs.rax = 0;
+        let mut a = [0u64; 6];
+        a[..args.len()].copy_from_slice(args);
+        regs.rdi = a[0];
+        regs.rsi = a[1];
+        regs.rdx = a[2];
+        regs.rcx = a[3];
+        regs.r8 = a[4];
+        regs.r9 = a[5];
+        regs.eflags &= !EFLAGS_TF_DF;
+        regs.orig_rax = u64::MAX;
+        if let Err(errno) = sys::setregs(tid, &regs) {
+            return Err(self.ptrace_failed("SETREGS", errno));
+        }
+        self.injected = true;
+        let outcome = self.set_mask(CALL_MASK).and_then(|()| {
+            test_kill_point("call-loaded");
+            self.run_call_safe(what, trampoline + 10)
+        });
+        match outcome {
+            Ok(v) => {
+                // rt_sigreturn restored the frame's state.
+                self.sigreturned = true;
+                self.injected = false;
+                self.mask_now = self.saved_mask;
+                Ok(v)
+            }
+            Err(e) => {
+                // A fault or a timeout: restore the thread ourselves.
+                if let State::Stopped(_) = self.state {
+                    let restored = sys::setregs(tid, &self.saved_regs)
+                        .map_err(|e| ("SETREGS", e))
+                        .and_then(|_| {
+                            sys::set_fpstate(tid, &fp).map_err(|e| ("SETREGSET (xstate)", e))
+                        })
+                        .map(|()| self.injected = false)
+                        .and_then(|_| {
+                            sys::setsigmask(tid, self.saved_mask).map_err(|e| ("SETSIGMASK", e))
+                        })
+                        .map(|()| self.mask_now = self.saved_mask);
+                    if let Err((req, errno)) = restored {
+                        return Err(self.ptrace_failed(req, errno));
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs the prepared safe call until the trampoline's `rt_sigreturn`
+    /// (entry stop at `sigreturn_end`) and through it; returns the result.
+    fn run_call_safe(&mut self, what: &str, sigreturn_end: u64) -> Result<u64> {
+        let tid = self.tid;
+        let pid = self.process.pid();
+        let deadline = Instant::now() + self.timeout;
+        let mut inject = 0;
+        let mut result = None;
+        loop {
+            if let Err(errno) = sys::syscall(tid, inject) {
+                return Err(self.ptrace_failed("SYSCALL", errno));
+            }
+            self.state = State::Running;
+            inject = 0;
+            match sys::wait_until(tid, deadline) {
+                None => return Err(self.timed_out(what)),
+                Some(Report::Gone) => {
+                    self.state = State::Gone;
+                    return Err(self.process.vanished(tid));
+                }
+                Some(Report::Interrupt | Report::GroupStop(_) | Report::PtraceEvent(_)) => {
+                    self.state = State::Stopped(Stop::Ptrace);
+                }
+                Some(Report::Signal(sys::SYSCALL_STOP)) => {
+                    // Never released in an entry stop (see timed_out).
+                    self.state = State::Stopped(Stop::Ptrace);
+                    let (entry, now) = match sys::at_syscall_entry(tid)
+                        .and_then(|e| Ok((e, sys::getregs(tid)?)))
+                    {
+                        Ok(v) => v,
+                        Err(errno) => return Err(self.ptrace_failed("GET_SYSCALL_INFO", errno)),
+                    };
+                    if entry {
+                        if now.orig_rax == libc::SYS_rt_sigreturn as u64 && now.rip == sigreturn_end
+                        {
+                            result = Some(now.rdi);
+                            test_kill_point("call-return");
+                        }
+                        continue;
+                    }
+                    self.state = State::Stopped(Stop::SyscallExit);
+                    if let Some(v) = result {
+                        return Ok(v);
+                    }
+                    // The callee's own system call: run on.
+                }
+                Some(Report::Signal(libc::SIGSTOP)) => {
+                    self.state = State::Stopped(Stop::Signal);
+                    inject = libc::SIGSTOP;
+                }
+                Some(Report::Signal(sig)) => {
+                    self.state = State::Stopped(Stop::Signal);
+                    let info = match sys::getsiginfo(tid) {
+                        Ok(i) => i,
+                        Err(errno) => return Err(self.ptrace_failed("GETSIGINFO", errno)),
+                    };
+                    let self_abort = sig == libc::SIGABRT
+                        && info.si_code <= 0
+                        // SAFETY: si_code <= 0 (SI_USER, SI_TKILL, SI_QUEUE,
+                        // ...): the kill fields of the union are the valid ones.
+                        && unsafe { info.si_pid() } == pid;
+                    if !self_abort && self.hold_if_user_sent(&info) {
+                        continue; // sent by a process: re-injected on release
+                    }
+                    let rip = sys::getregs(tid).map_or(0, |r| r.rip);
+                    return Err(Error::CallFault {
+                        what: format!("calling {what} in thread {tid} of process {pid}"),
+                        signal: sig,
+                        rip,
+                    });
+                }
+            }
         }
     }
 
@@ -1224,6 +1446,11 @@ impl Hijack<'_> {
     }
 
     fn release_inner(&mut self) -> Result<()> {
+        if let Some(page) = self.trampoline.take() {
+            if matches!(self.state, State::Stopped(_)) {
+                let _ = self.munmap(page, 4096);
+            }
+        }
         let tid = self.tid;
         let state = std::mem::replace(&mut self.state, State::Gone);
         if !matches!(state, State::Gone) {
@@ -1265,14 +1492,14 @@ impl Hijack<'_> {
                 // With the safe mechanism, the mask first: until the
                 // registers are restored too, the frame restores it.
                 let safe = self.injected && self.frame.is_some();
+                let regs = self.release_regs();
                 let restored = if safe {
                     sys::setsigmask(tid, self.saved_mask).and_then(|_| {
                         test_kill_point("release-mask");
-                        sys::setregs(tid, &self.saved_regs)
+                        sys::setregs(tid, &regs)
                     })
                 } else {
-                    sys::setregs(tid, &self.saved_regs)
-                        .and_then(|_| sys::setsigmask(tid, self.saved_mask))
+                    sys::setregs(tid, &regs).and_then(|_| sys::setsigmask(tid, self.saved_mask))
                 };
                 let mut held = std::mem::take(&mut self.held_signals);
                 let mut sig = 0;

@@ -20,22 +20,31 @@ use suture_process::Process;
 const T: Duration = Duration::from_secs(10);
 
 /// The kill points of the mechanism (see `test_kill_point` in hijack.rs).
-const POINTS: [&str; 5] = ["loaded", "entry", "exit", "release-stop", "release-mask"];
+const POINTS: [&str; 7] = [
+    "loaded",
+    "entry",
+    "exit",
+    "call-loaded",
+    "call-return",
+    "release-stop",
+    "release-mask",
+];
 
 /// Helper: borrows thread `tid` of process `pid` (from
-/// `SUTURE_HIJACK_HELPER="pid tid loop"`), runs a few system calls and
-/// releases it; with `loop` = 1, forever.
+/// `SUTURE_HIJACK_HELPER="pid tid loop callee"`), runs a few system calls
+/// and a function call and releases it; with `loop` = 1, forever.
 #[test]
 #[ignore = "helper process of hijacking_tracer_killed_leaves_the_target_running"]
 fn helper_hijacker_to_be_killed() {
     let Ok(spec) = std::env::var("SUTURE_HIJACK_HELPER") else {
         return;
     };
-    let v: Vec<i32> = spec.split(' ').map(|s| s.parse().unwrap()).collect();
-    let process = Process::open(v[0]).unwrap();
+    let v: Vec<i64> = spec.split(' ').map(|s| s.parse().unwrap()).collect();
+    let (pid, tid, callee) = (v[0] as i32, v[1] as i32, v[3] as u64);
+    let process = Process::open(pid).unwrap();
     loop {
-        let mut hj = process.hijack_thread(v[1], T).unwrap();
-        assert_eq!(hj.getpid().unwrap(), v[0]);
+        let mut hj = process.hijack_thread(tid, T).unwrap();
+        assert_eq!(hj.getpid().unwrap(), pid);
         let addr = hj
             .mmap(
                 0,
@@ -47,6 +56,8 @@ fn helper_hijacker_to_be_killed() {
             )
             .unwrap();
         hj.munmap(addr, 4096).unwrap();
+        assert_eq!(hj.call(callee, &[41]).unwrap(), 42);
+        assert_eq!(hj.getpid().unwrap(), pid);
         hj.release().unwrap();
         if v[2] == 0 {
             break;
@@ -54,7 +65,9 @@ fn helper_hijacker_to_be_killed() {
     }
 }
 
-fn helper(pid: i32, tid: i32, looping: bool, kill_at: Option<&str>) -> Child {
+fn helper(target: &Target, tid: i32, looping: bool, kill_at: Option<&str>) -> Child {
+    let pid = target.pid;
+    let callee = target.info_addr("callee");
     let mut cmd = Command::new(std::env::current_exe().unwrap());
     cmd.args([
         "helper_hijacker_to_be_killed",
@@ -65,7 +78,7 @@ fn helper(pid: i32, tid: i32, looping: bool, kill_at: Option<&str>) -> Child {
     ])
     .env(
         "SUTURE_HIJACK_HELPER",
-        format!("{pid} {tid} {}", u8::from(looping)),
+        format!("{pid} {tid} {} {callee}", u8::from(looping)),
     )
     .stdout(Stdio::null())
     .stderr(Stdio::inherit());
@@ -129,7 +142,7 @@ fn hijacking_tracer_killed_leaves_the_target_running() {
             if tid == reader {
                 target.wait_in_syscall(tid, libc::SYS_read);
             }
-            let status = helper(target.pid, tid, false, Some(point)).wait().unwrap();
+            let status = helper(&target, tid, false, Some(point)).wait().unwrap();
             assert_eq!(
                 status.signal(),
                 Some(libc::SIGKILL),
@@ -148,14 +161,15 @@ fn hijacking_tracer_killed_leaves_the_target_running() {
         target.wait_in_syscall(long, libc::SYS_clock_nanosleep);
         let mut hj = process.hijack_thread(long, T).unwrap();
         assert_eq!(hj.getpid().unwrap(), target.pid);
+        // A call returns through rt_sigreturn, which resets the restart
+        // block: the release must still restart the sleep.
+        assert_eq!(hj.call(target.info_addr("callee"), &[1]).unwrap(), 2);
         hj.release().unwrap();
         let in_restart =
             std::fs::read_to_string(format!("/proc/{}/task/{long}/syscall", target.pid))
                 .unwrap()
                 .starts_with(&format!("{} ", libc::SYS_restart_syscall));
-        let status = helper(target.pid, long, false, Some("loaded"))
-            .wait()
-            .unwrap();
+        let status = helper(&target, long, false, Some("loaded")).wait().unwrap();
         assert_eq!(status.signal(), Some(libc::SIGKILL));
         target.send("check");
         let before = check(&target)[5];
@@ -178,7 +192,7 @@ fn hijacking_tracer_killed_leaves_the_target_running() {
     let mut seed = std::process::id() as u64;
     for round in 0..12 {
         let tid = tids[round % 3];
-        let mut h = helper(target.pid, tid, true, None);
+        let mut h = helper(&target, tid, true, None);
         std::thread::sleep(Duration::from_millis(30));
         seed = seed
             .wrapping_mul(6364136223846793005)

@@ -180,6 +180,14 @@ static void *long_sleeper(void *arg)
     return NULL;
 }
 
+/* Called by the tests through Hijack::call: busy for a while. */
+__attribute__((noinline)) long callee(long x)
+{
+    for (volatile long i = 0; i < 300000; i++)
+        ;
+    return x + 1;
+}
+
 static void command(char *line)
 {
     if (!strcmp(line, "check")) {
@@ -209,6 +217,7 @@ int main(void)
     printf("reader %ld\n", reader_tid);
     printf("sleeper %ld\n", sleeper_tid);
     printf("longsleeper %ld\n", long_sleeper_tid);
+    printf("callee %lx\n", (unsigned long)callee);
     printf("ready\n");
     return serve_commands(command);
 }
