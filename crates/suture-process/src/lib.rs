@@ -182,6 +182,22 @@ pub struct Process {
     pid: i32,
     start_time: u64,
     mem: Option<File>,
+    /// The code [`Hijack`](crate::Hijack) returns through, found once.
+    return_gadgets: std::sync::OnceLock<Option<ReturnGadgets>>,
+}
+
+/// Code in the target that lets a borrowed thread restore its own state
+/// (see the module documentation of `hijack`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ReturnGadgets {
+    /// A `syscall; ret` sequence (`0f 05 c3`).
+    pub syscall_ret: u64,
+    /// A signal restorer: `mov $15, %rax; syscall` (`48 c7 c0 0f 00 00 00
+    /// 0f 05`, glibc's and musl's `__restore_rt`) or `mov $15, %eax;
+    /// syscall` (`b8 0f 00 00 00 0f 05`).
+    pub restorer: u64,
+    /// Address just after the restorer's `syscall` instruction.
+    pub restorer_end: u64,
 }
 
 /// How a process looks right now.
@@ -213,6 +229,7 @@ impl Process {
             pid,
             start_time: stat.start_time,
             mem: None,
+            return_gadgets: std::sync::OnceLock::new(),
         };
         match process.liveness() {
             Liveness::Alive => {}
@@ -615,6 +632,74 @@ impl Process {
         }
         self.ensure_alive()?;
         Err(Error::NoSyscallInstruction { pid: self.pid })
+    }
+
+    /// The `syscall; ret` sequence and the signal restorer used by
+    /// [`Hijack`](crate::Hijack), searched in the target's executable file
+    /// mappings (libc and the vDSO first) on first use and cached.
+    pub(crate) fn return_gadgets(&self) -> Option<ReturnGadgets> {
+        *self
+            .return_gadgets
+            .get_or_init(|| self.find_return_gadgets())
+    }
+
+    fn find_return_gadgets(&self) -> Option<ReturnGadgets> {
+        const RESTORERS: [&[u8]; 2] = [
+            &[0x48, 0xc7, 0xc0, 0x0f, 0, 0, 0, 0x0f, 0x05],
+            &[0xb8, 0x0f, 0, 0, 0, 0x0f, 0x05],
+        ];
+        let maps = self.maps().ok()?;
+        let rank = |m: &Mapping| match m.path.as_deref() {
+            Some(p) if p.rsplit('/').next().is_some_and(|n| n.starts_with("libc")) => 0,
+            Some("[vdso]") => 1,
+            _ => 2,
+        };
+        let mut exec: Vec<&Mapping> = maps
+            .iter()
+            .filter(|m| m.executable() && m.readable() && m.path.is_some())
+            .filter(|m| m.path.as_deref() != Some("[vsyscall]"))
+            .collect();
+        exec.sort_by_key(|m| rank(m));
+        let mut syscall_ret = None;
+        let mut restorer = None;
+        for m in exec {
+            if syscall_ret.is_none() {
+                syscall_ret = self.scan_mapping(m, &[0x0f, 0x05, 0xc3]);
+            }
+            if restorer.is_none() {
+                restorer = RESTORERS
+                    .iter()
+                    .find_map(|p| Some((self.scan_mapping(m, p)?, p.len() as u64)));
+            }
+            if let (Some(syscall_ret), Some((restorer, len))) = (syscall_ret, restorer) {
+                return Some(ReturnGadgets {
+                    syscall_ret,
+                    restorer,
+                    restorer_end: restorer + len,
+                });
+            }
+        }
+        None
+    }
+
+    /// The first occurrence of `pattern` in the mapping.
+    fn scan_mapping(&self, m: &Mapping, pattern: &[u8]) -> Option<u64> {
+        const CHUNK: u64 = 64 * 1024;
+        let overlap = pattern.len() as u64 - 1;
+        let mut at = m.start;
+        while at < m.end {
+            let len = CHUNK.min(m.end - at);
+            let bytes = self.read_mem(at, len as usize).ok()?;
+            if let Some(i) = bytes.windows(pattern.len()).position(|w| w == pattern) {
+                return Some(at + i as u64);
+            }
+            if at + len >= m.end {
+                break;
+            }
+            // Overlap chunks so a pattern split across them is found.
+            at += len - overlap;
+        }
+        None
     }
 
     fn scan_for_syscall(&self, m: &Mapping) -> Option<u64> {

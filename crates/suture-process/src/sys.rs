@@ -361,6 +361,95 @@ pub(crate) enum FpState {
     Fpregs(Box<libc::user_fpregs_struct>),
 }
 
+/// `fx_sw_bytes.magic1` (`FP_XSTATE_MAGIC1`) and the word after the XSAVE
+/// area of a signal frame (`FP_XSTATE_MAGIC2`),
+/// arch/x86/include/uapi/asm/sigcontext.h.
+const FP_XSTATE_MAGIC1: u32 = 0x4650_5853;
+const FP_XSTATE_MAGIC2: u32 = 0x4650_5845;
+
+/// Offset of `sw_reserved` (`struct _fpx_sw_bytes`) in the 512-byte legacy
+/// FXSAVE area.
+const SW_RESERVED: usize = 464;
+
+const _: () = assert!(std::mem::size_of::<libc::user_fpregs_struct>() == 512);
+
+/// XSAVE feature bit of AMX tile data: enabled per process on demand, so
+/// not part of a thread's default signal-frame size.
+const XFEATURE_XTILE_DATA: u32 = 18;
+
+/// Size of the standard-format XSAVE area holding `features`, from CPUID
+/// leaf 0xD (the tracer runs on the same CPU as the target).
+fn xsave_size(features: u64) -> usize {
+    let mut size = 512 + 64;
+    for i in 2..63 {
+        if features & (1 << i) != 0 {
+            #[allow(unused_unsafe)]
+            // SAFETY: CPUID leaf 0xD exists wherever XSAVE does (features is
+            // non-zero only then); the instruction has no other effect.
+            let r = unsafe { std::arch::x86_64::__cpuid_count(0xd, i) };
+            // ebx = offset in the standard format (0 for supervisor state).
+            if r.ebx != 0 {
+                size = size.max(r.ebx as usize + r.eax as usize);
+            }
+        }
+    }
+    size
+}
+
+impl FpState {
+    /// The state laid out as the `fpstate` of an x86-64 signal frame, and
+    /// whether it is in XSAVE form (`UC_FP_XSTATE`).
+    ///
+    /// A signal frame's XSAVE area carries in its software-reserved bytes
+    /// (`sw_reserved`, offset 464) a `struct _fpx_sw_bytes` { `magic1` =
+    /// `FP_XSTATE_MAGIC1`, `extended_size` = `xstate_size` + 4, `xfeatures`,
+    /// `xstate_size` } and is followed by `FP_XSTATE_MAGIC2`
+    /// (arch/x86/include/uapi/asm/sigcontext.h, arch/x86/kernel/fpu/signal.c).
+    /// `NT_X86_XSTATE` puts the process's XCR0 in the first word of those
+    /// bytes instead, so they are rebuilt here: `xfeatures` = XCR0 without
+    /// the dynamically enabled AMX tile data, `xstate_size` = the size of
+    /// the area for those features (which `rt_sigreturn` requires to be at
+    /// most the thread's own signal-frame size). Without XSAVE (or with
+    /// `PTRACE_GETFPREGS` only) it is the FXSAVE area alone with
+    /// `sw_reserved` zeroed, which `rt_sigreturn` restores as x87/SSE only.
+    pub(crate) fn signal_frame_image(&self) -> (Vec<u8>, bool) {
+        let word =
+            |b: &[u8], off: usize| u64::from_le_bytes(b[off..off + 8].try_into().unwrap_or([0; 8]));
+        let mut fx = match self {
+            FpState::Xstate(buf) if buf.len() >= 512 + 64 => {
+                let xcr0 = word(buf, SW_RESERVED);
+                let features = xcr0 & !(1u64 << XFEATURE_XTILE_DATA);
+                let size = xsave_size(features);
+                if features & 0b11 == 0b11 && size <= buf.len() {
+                    let mut v = buf[..size].to_vec();
+                    let sw = &mut v[SW_RESERVED..512];
+                    sw.fill(0);
+                    sw[0..4].copy_from_slice(&FP_XSTATE_MAGIC1.to_le_bytes());
+                    sw[4..8].copy_from_slice(&(size as u32 + 4).to_le_bytes());
+                    sw[8..16].copy_from_slice(&features.to_le_bytes());
+                    sw[16..20].copy_from_slice(&(size as u32).to_le_bytes());
+                    v.extend_from_slice(&FP_XSTATE_MAGIC2.to_le_bytes());
+                    return (v, true);
+                }
+                buf[..512].to_vec()
+            }
+            FpState::Xstate(buf) => {
+                let mut v = buf.clone();
+                v.resize(512, 0);
+                v
+            }
+            FpState::Fpregs(fp) => {
+                let p: *const libc::user_fpregs_struct = &**fp;
+                // SAFETY: user_fpregs_struct is 512 bytes of plain integers
+                // (the FXSAVE layout) with no padding; `p` points to one.
+                unsafe { std::slice::from_raw_parts(p.cast::<u8>(), 512) }.to_vec()
+            }
+        };
+        fx[SW_RESERVED..512].fill(0);
+        (fx, false)
+    }
+}
+
 /// Saves the thread's extended FP/vector state.
 pub(crate) fn get_fpstate(tid: Tid) -> nix::Result<FpState> {
     let mut buf = vec![0u8; XSTATE_MAX];

@@ -297,7 +297,12 @@ fn target_exiting_during_hijack_reports_exited() {
 fn target_exiting_while_hijack_is_dropped() {
     let mut target = Target::start("exiter");
     let process = Process::open(target.pid).unwrap();
+    // Borrow the main thread (in pause()), not the worker that must read
+    // the byte: under load the main thread may not be asleep yet, and a
+    // running thread ranks after sleeping ones.
+    target.wait_in_syscall(target.pid, libc::SYS_pause);
     let hj = process.hijack(T).unwrap();
+    assert_eq!(hj.tid(), target.pid);
     target.send("x");
     target.wait_eof();
     drop(hj); // must not panic or hang
@@ -357,4 +362,55 @@ fn thread_inside_rseq_critical_section_resumes_at_abort_handler() {
         return;
     }
     panic!("never caught the spinner inside its critical section");
+}
+
+#[test]
+fn single_step_fallback_with_a_chosen_syscall_instruction() {
+    // With a `syscall` instruction chosen by the caller, system calls use
+    // the single-step fallback (see the module documentation of hijack).
+    let mut target = Target::start("worker");
+    let process = Process::open(target.pid).unwrap();
+    target.wait_in_syscall(target.pid, libc::SYS_read);
+    let insn = process.find_syscall_insn().unwrap();
+    let mut hj = process.hijack(T).unwrap();
+    hj.set_syscall_insn(insn);
+    assert_eq!(hj.getpid().unwrap(), target.pid);
+    let addr = hj
+        .mmap(
+            0,
+            4096,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+        .unwrap();
+    hj.munmap(addr, 4096).unwrap();
+    hj.release().unwrap();
+    // The borrowed read() restarted.
+    target.send("echo after");
+    target.expect("echo after");
+    target.assert_no_stop_reported();
+}
+
+#[test]
+fn remote_syscall_timing_out_is_interrupted_and_thread_restored() {
+    let mut target = Target::start("worker");
+    let process = Process::open(target.pid).unwrap();
+    target.wait_in_syscall(target.pid, libc::SYS_read);
+    let mut hj = process.hijack(T).unwrap();
+    hj.set_timeout(Duration::from_millis(200));
+    // pause() in the borrowed thread never returns by itself (all signals
+    // are blocked there).
+    assert!(matches!(
+        hj.syscall(libc::SYS_pause, [0; 6]),
+        Err(Error::Timeout { .. })
+    ));
+    // The thread is usable again, then restored: its read() restarts.
+    hj.set_timeout(T);
+    assert_eq!(hj.getpid().unwrap(), target.pid);
+    hj.release().unwrap();
+    target.send("echo after timeout");
+    target.expect("echo after timeout");
+    target.assert_no_stop_reported();
 }
