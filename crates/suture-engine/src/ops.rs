@@ -474,6 +474,11 @@ pub fn apply(pid: i32, path: &Path) -> Result<ApplyReport, Error> {
     if result.is_err() {
         // Put the target back as it was: nothing of ours is referenced yet.
         s.rec.arenas.truncate(arenas_before);
+        // The record of the patch may have been stored just before a write
+        // that then failed (and was undone): store the old one again.
+        if s.store.is_some() {
+            let _ = s.save();
+        }
         if !undo.regions.is_empty() || undo.new_arenas > 0 {
             if let Ok(mut h) = s.proc.hijack(HIJACK_TIMEOUT) {
                 for r in &undo.regions {
@@ -693,6 +698,21 @@ fn apply_prepared(
             let after = model.site_modes();
             let proc = &s.proc;
             let jumps = jumps_for(proc, &before, &after);
+            // The record as it is once the jumps are written, stored in
+            // the target just before them (in the same stop): a suture
+            // killed during or after the write leaves a record that knows
+            // the patch and its transition.
+            let base = s.store.expect("created with the first hijack above");
+            let (name, mem, rt) = (desc.name.clone(), memory.clone(), new_runtime.clone());
+            let mut save = |r: &Record, m: &Model| {
+                let mut r = r.clone();
+                r.patches.insert(name.clone(), mem.clone());
+                if let Some(rt) = &rt {
+                    r.runtime = Some(rt.clone());
+                }
+                r.model = m.clone();
+                store::write(proc, base, &r)
+            };
             if let Err(e) = transition::begin(
                 proc,
                 &mut s.rec,
@@ -701,6 +721,7 @@ fn apply_prepared(
                 &*jumps,
                 &|_| true,
                 now(),
+                &mut save,
             ) {
                 s.rec.sites.retain(|a, _| before.contains_key(a));
                 return Err(e);
@@ -1359,7 +1380,14 @@ fn disable_inner(pid: i32, name: &str) -> Result<DisableReport, Error> {
         let proc = &s.proc;
         let jumps = jumps_for(proc, &before, &after);
         if let Err(e) = transition::begin(
-            proc, &mut s.rec, &mut model, table, &*jumps, &*pending, started,
+            proc,
+            &mut s.rec,
+            &mut model,
+            table,
+            &*jumps,
+            &*pending,
+            started,
+            &mut |_, _| Ok(()),
         ) {
             if let Some(r) = fresh_table {
                 if let Ok(mut h) = s.proc.hijack(HIJACK_TIMEOUT) {

@@ -23,7 +23,7 @@ use crate::check::{regenerate_stub, Checker, Verdict};
 use crate::memory::{self, SLOT_DISPATCH};
 use crate::objects::Objects;
 use crate::record::{Record, Region, Site, StubRecord, TransitionRecord};
-use crate::write::{write_code_with, CodeWrite};
+use crate::write::{write_code_with_hook, CodeWrite};
 use crate::Error;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -161,6 +161,13 @@ pub type SiteWrites<'a> =
 /// given its thread pointer), the dispatch stubs and the site jumps, then
 /// make the model agree with the table. `site_writes` gives the jumps for
 /// the site modes of `model`. On return `rec.transition` describes it.
+///
+/// `save` is given the record and model as they are once the writes are
+/// done, while every thread is still held and just before the writes: the
+/// caller stores them in the target first, so that a suture killed during
+/// or after the writes leaves a record that knows them (the next command
+/// then finishes or reverses the transition).
+#[allow(clippy::too_many_arguments)]
 pub fn begin(
     proc: &Process,
     rec: &mut Record,
@@ -169,6 +176,7 @@ pub fn begin(
     site_writes: &SiteWrites<'_>,
     pending: &dyn Fn(u64) -> bool,
     started: u64,
+    save: &mut dyn FnMut(&Record, &Model) -> Result<(), Error>,
 ) -> Result<(), Error> {
     let target = model
         .transition()
@@ -207,8 +215,9 @@ pub fn begin(
     }
     let (jumps, sites) = site_writes(&rec.sites)?;
     let old_table = proc.read_mem(region.addr, 8 << bits)?;
-    let mut seen: Vec<Seen> = Vec::new();
+    let seen_cell: std::cell::RefCell<Vec<Seen>> = Default::default();
     let mut make = |stopped: &suture_process::StoppedProcess<'_>| {
+        let mut seen = seen_cell.borrow_mut();
         seen.clear();
         let mut mirror = Mirror::empty(bits);
         for tid in stopped.threads() {
@@ -240,18 +249,33 @@ pub fn begin(
         writes.extend(jumps.iter().cloned());
         Ok(Some(writes))
     };
-    write_code_with(proc, &mut make)?;
-    sync_model(model, &seen);
-    rec.sites = sites;
-    rec.transition = Some(TransitionRecord {
-        table: region,
-        bits,
-        tps: seen.iter().map(|s| (s.tid, s.tp)).collect(),
-        stubs,
-        worker: None,
-        blockers: BTreeMap::new(),
-        started,
-    });
+    let after = |rec: &Record, model: &Model, seen: &[Seen]| {
+        let mut m = model.clone();
+        sync_model(&mut m, seen);
+        let mut r = rec.clone();
+        r.sites = sites.clone();
+        r.transition = Some(TransitionRecord {
+            table: region.clone(),
+            bits,
+            tps: seen.iter().map(|s| (s.tid, s.tp)).collect(),
+            stubs: stubs.clone(),
+            worker: None,
+            blockers: BTreeMap::new(),
+            started,
+        });
+        (r, m)
+    };
+    {
+        let (rec_now, model_now) = (&*rec, &*model);
+        let mut before_write = || {
+            let (r, m) = after(rec_now, model_now, &seen_cell.borrow());
+            save(&r, &m)
+        };
+        write_code_with_hook(proc, &mut make, &mut before_write)?;
+    }
+    let (r, m) = after(rec, model, &seen_cell.borrow());
+    *rec = r;
+    *model = m;
     Ok(())
 }
 

@@ -58,6 +58,19 @@ pub type MakeWrites<'a> =
 /// and nothing is written (false). It may run more than once (once per
 /// attempt).
 pub fn write_code_with(proc: &Process, make: &mut MakeWrites<'_>) -> Result<bool, Error> {
+    write_code_with_hook(proc, make, &mut || Ok(()))
+}
+
+/// Like [`write_code_with`], with `before_write` run while every thread is
+/// held, once nothing stands in the way of the writes and just before
+/// them (to record what is about to be written: if suture dies during the
+/// writes, the record already describes them). An error from it resumes
+/// every thread and writes nothing.
+pub fn write_code_with_hook(
+    proc: &Process,
+    make: &mut MakeWrites<'_>,
+    before_write: &mut dyn FnMut() -> Result<(), Error>,
+) -> Result<bool, Error> {
     let mut last_blocker = None;
     for attempt in 0..ATTEMPTS {
         let mut stopped = proc.stop_all(STOP_TIMEOUT)?;
@@ -97,6 +110,10 @@ pub fn write_code_with(proc: &Process, make: &mut MakeWrites<'_>) -> Result<bool
             last_blocker = Some(b);
             std::thread::sleep(Duration::from_micros(200 * (attempt as u64 + 1).min(50)));
             continue;
+        }
+        if let Err(e) = before_write() {
+            stopped.resume()?;
+            return Err(e);
         }
         let mut done = 0;
         let mut failure = None;

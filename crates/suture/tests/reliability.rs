@@ -351,12 +351,25 @@ fn disable_everything(t: &mut Consist) -> Result<(), String> {
     };
     let st = json(&["status", &pid, "--json"]);
     if !st["transition"].is_null() {
-        let out = cmd(&["force", &pid])?;
-        // A worker may have completed the transition meanwhile.
-        let done = String::from_utf8_lossy(&out.stderr).contains("no transition in progress");
-        if !out.status.success() && !done {
+        // Finish it consistently: `wait` restarts a killed worker (the
+        // reader is let through once). `force` would switch threads that
+        // are inside the old a() and make them call the new b(): that is
+        // what force means, so it is only the last resort.
+        t.t.ask("w");
+        let out = cmd(&["wait", &pid, "--timeout", "30"])?;
+        if out.status.code() == Some(3) {
+            let out = cmd(&["force", &pid])?;
+            // A worker may have completed the transition meanwhile.
+            let done = String::from_utf8_lossy(&out.stderr).contains("no transition in progress");
+            if !out.status.success() && !done {
+                return Err(format!(
+                    "force after the interruption failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+        } else if !out.status.success() {
             return Err(format!(
-                "force after the interruption failed: {}",
+                "wait after the interruption failed: {}",
                 String::from_utf8_lossy(&out.stderr)
             ));
         }
@@ -604,14 +617,10 @@ fn kill_trials(trials: usize) -> (usize, Vec<String>) {
     (trials, failures)
 }
 
-/// BUG (open, see RELIABILITY.draft.md): a suture command or worker killed
-/// while it borrows a thread (`Hijack`: registers replaced to run a system
-/// call, single-stepping with the trap flag) leaves that thread to the
-/// kernel's detach: it resumes with suture's registers and the trap flag
-/// set, and the target dies of SIGTRAP or runs on from the injected state.
-/// Ignored until the hijack survives its tracer's death.
+/// suture (the command, and sometimes its worker) SIGKILLed at 16 seeded
+/// random moments of apply, disable, replace and a transition: the target
+/// always survives intact (see RELIABILITY.md; `kill_long` is the long run).
 #[test]
-#[ignore]
 fn kill_at_random_moments() {
     let (_, failures) = kill_trials(16);
     assert!(failures.is_empty(), "{failures:#?}");
