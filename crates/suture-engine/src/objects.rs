@@ -86,6 +86,8 @@ impl LoadedObject {
 /// Every ELF object the target maps, in address order.
 pub struct Objects {
     pub list: Vec<LoadedObject>,
+    /// The process they belong to.
+    pid: i32,
 }
 
 fn is_file_path(p: &str) -> bool {
@@ -125,16 +127,26 @@ impl Objects {
             }
             list.push(o);
         }
+        // A process that exits loses its mappings and its executable link
+        // first: say that, not that its program is missing.
+        if !list.iter().any(|o| o.is_main) && !proc.is_alive() {
+            return Err(suture_process::Error::Exited { pid: proc.pid() }.into());
+        }
         // Data files mapped from offset 0 (locale archives...) are weeded
         // out lazily: their ELF parse fails and they never match a name.
-        Ok(Objects { list })
+        Ok(Objects {
+            list,
+            pid: proc.pid(),
+        })
     }
 
     pub fn main(&self) -> Result<&LoadedObject, Error> {
-        self.list
-            .iter()
-            .find(|o| o.is_main)
-            .ok_or_else(|| Error::Object("cannot find the main program's mapping".into()))
+        self.list.iter().find(|o| o.is_main).ok_or_else(|| {
+            Error::Object(format!(
+                "cannot find the main program's mapping in process {} (is it exiting?)",
+                self.pid
+            ))
+        })
     }
 
     /// The object a patch names: `None` is the main program; otherwise a
