@@ -339,9 +339,39 @@ fn no_panic(out: &std::process::Output, what: &str) {
     );
 }
 
+/// Finish the transition in progress consistently: the reader is let
+/// through once and `wait` completes it (restarting a killed worker).
+/// `force` would switch threads that are inside the old a() and make them
+/// call the new b(): that is what force means, so it is only the last
+/// resort, after `wait` timed out.
+fn finish_transition(t: &mut Consist, after: &str) -> Result<(), String> {
+    let pid = t.pid();
+    t.t.ask("w");
+    let out = run_bounded(&["wait", &pid, "--timeout", "30"]);
+    no_panic(&out, "wait");
+    if out.status.code() == Some(3) {
+        let out = run_bounded(&["force", &pid]);
+        no_panic(&out, "force");
+        // A worker may have completed the transition meanwhile.
+        let done = String::from_utf8_lossy(&out.stderr).contains("no transition in progress");
+        if !out.status.success() && !done {
+            return Err(format!(
+                "force after {after} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    } else if !out.status.success() {
+        return Err(format!(
+            "wait after {after} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(())
+}
+
 /// Take every patch out, whatever state an interrupted command left: a
-/// transition is finished with `force`, then each patch is disabled
-/// (newest first), releasing the reader so transitions complete.
+/// transition is finished (`finish_transition`), then each patch is
+/// disabled (newest first), releasing the reader so transitions complete.
 fn disable_everything(t: &mut Consist) -> Result<(), String> {
     let pid = t.pid();
     let cmd = |args: &[&str]| -> Result<std::process::Output, String> {
@@ -351,28 +381,7 @@ fn disable_everything(t: &mut Consist) -> Result<(), String> {
     };
     let st = json(&["status", &pid, "--json"]);
     if !st["transition"].is_null() {
-        // Finish it consistently: `wait` restarts a killed worker (the
-        // reader is let through once). `force` would switch threads that
-        // are inside the old a() and make them call the new b(): that is
-        // what force means, so it is only the last resort.
-        t.t.ask("w");
-        let out = cmd(&["wait", &pid, "--timeout", "30"])?;
-        if out.status.code() == Some(3) {
-            let out = cmd(&["force", &pid])?;
-            // A worker may have completed the transition meanwhile.
-            let done = String::from_utf8_lossy(&out.stderr).contains("no transition in progress");
-            if !out.status.success() && !done {
-                return Err(format!(
-                    "force after the interruption failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                ));
-            }
-        } else if !out.status.success() {
-            return Err(format!(
-                "wait after the interruption failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
+        finish_transition(t, "the interruption")?;
     }
     let st = json(&["status", &pid, "--json"]);
     for name in patch_names(&st).iter().rev() {
@@ -383,24 +392,7 @@ fn disable_everything(t: &mut Consist) -> Result<(), String> {
                 String::from_utf8_lossy(&out.stderr)
             ));
         }
-        // The reader may hold the transition: let it through once.
-        t.t.ask("w");
-        let out = cmd(&["wait", &pid, "--timeout", "30"])?;
-        if out.status.code() == Some(3) {
-            let out = cmd(&["force", &pid])?;
-            let done = String::from_utf8_lossy(&out.stderr).contains("no transition in progress");
-            if !out.status.success() && !done {
-                return Err(format!(
-                    "force failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                ));
-            }
-        } else if !out.status.success() {
-            return Err(format!(
-                "wait after disable {name} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
+        finish_transition(t, &format!("disable {name}"))?;
     }
     wait_no_suture(t.t.pid, "after disabling everything");
     let st = json(&["status", &pid, "--json"]);
