@@ -17,7 +17,9 @@
  *                    "jmp1 NS ..." and "jmp2 NS ..." (the references triv_jmp1,
  *                    triv_jmp2), "tbody NS ..." and "stwin NS ..." (the never
  *                    patched twins triv_body and slow50_twin, timed in the same
- *                    batches) and "insn TRIV SLOW" (user instructions per call from
+ *                    batches), "tptr NS ..." and "bptr NS ..." (triv and
+ *                    triv_body called through function pointers) and
+ *                    "insn TRIV SLOW" (user instructions per call from
  *                    perf_event_open, or "insn - -" when unavailable)
  *   r N              run N calls of each (for callgrind), reply "ok"
  *   w                write one byte to the holder's pipe, reply "ok"
@@ -164,6 +166,30 @@ static __attribute__((noinline)) void run_jmp2(long n)
 	sink = acc;
 }
 
+/* Calls through a function pointer: a caller suture cannot rewrite, which
+ * always reaches the entry (and its jump once patched). The twin calls
+ * triv_body through a pointer the same way. */
+static long (*volatile triv_ptr)(long) = triv;
+static long (*volatile body_ptr)(long) = triv_body;
+
+static __attribute__((noinline)) void run_tptr(long n)
+{
+	long (*f)(long) = triv_ptr;
+	long acc = 0;
+	for (long i = 0; i < n; i++)
+		acc = f(acc);
+	sink = acc;
+}
+
+static __attribute__((noinline)) void run_bptr(long n)
+{
+	long (*f)(long) = body_ptr;
+	long acc = 0;
+	for (long i = 0; i < n; i++)
+		acc = f(acc);
+	sink = acc;
+}
+
 static __attribute__((noinline)) void run_slow(long n)
 {
 	long acc = 1;
@@ -226,7 +252,7 @@ int main(void)
 	while (fgets(line, sizeof(line), stdin)) {
 		long b, n;
 		if (sscanf(line, "m %ld %ld", &b, &n) == 2) {
-			double tr[b], sl[b], j1[b], j2[b], tb[b], tw[b];
+			double tr[b], sl[b], j1[b], j2[b], tb[b], tw[b], tp[b], bp[b];
 			long ns = n / 25 > 0 ? n / 25 : 1;
 			run_triv(n / 10); /* warm-up (and the first call's switch) */
 			run_slow(ns / 10);
@@ -244,6 +270,12 @@ int main(void)
 				double t5 = now_ns();
 				run_twin(ns);
 				double t6 = now_ns();
+				run_tptr(n);
+				double t7 = now_ns();
+				run_bptr(n);
+				double t8 = now_ns();
+				tp[i] = (t7 - t6) / n;
+				bp[i] = (t8 - t7) / n;
 				tb[i] = (t5 - t4) / n;
 				tw[i] = (t6 - t5) / ns;
 				tr[i] = (t1 - t0) / n;
@@ -269,6 +301,12 @@ int main(void)
 			printf("\nstwin");
 			for (long i = 0; i < b; i++)
 				printf(" %.4f", tw[i]);
+			printf("\ntptr");
+			for (long i = 0; i < b; i++)
+				printf(" %.4f", tp[i]);
+			printf("\nbptr");
+			for (long i = 0; i < b; i++)
+				printf(" %.4f", bp[i]);
 			double it = insn_per_call(run_triv, 100000), is = insn_per_call(run_slow, 10000);
 			if (it < 0)
 				printf("\ninsn - -\n");

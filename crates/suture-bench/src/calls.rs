@@ -31,7 +31,7 @@ pub const MODES: [&str; 4] = ["unpatched", "during", "after", "nop_removed"];
 pub const MODE_TITLES: [&str; 4] = [
     "unpatched",
     "during a transition (switched thread, dispatch stub)",
-    "after the transition (one jmp)",
+    "after the transition (direct calls rewritten, entry jmp)",
     "after nop removal (replace patch)",
 ];
 
@@ -43,6 +43,9 @@ struct Measure {
     jmp2: Vec<f64>,
     tbody: Vec<f64>,
     stwin: Vec<f64>,
+    /// triv and triv_body called through function pointers.
+    tptr: Vec<f64>,
+    bptr: Vec<f64>,
     insn: Option<(f64, f64)>,
 }
 
@@ -63,6 +66,8 @@ fn measure(t: &mut Target, o: &Options) -> Result<Measure> {
     let jmp2 = nums(&t.line()?, "jmp2")?;
     let tbody = nums(&t.line()?, "tbody")?;
     let stwin = nums(&t.line()?, "stwin")?;
+    let tptr = nums(&t.line()?, "tptr")?;
+    let bptr = nums(&t.line()?, "bptr")?;
     let insn_line = t.line()?;
     let insn = nums(&insn_line, "insn")
         .ok()
@@ -74,6 +79,8 @@ fn measure(t: &mut Target, o: &Options) -> Result<Measure> {
         jmp2,
         tbody,
         stwin,
+        tptr,
+        bptr,
         insn,
     })
 }
@@ -114,6 +121,26 @@ fn pending_names(st: &Value) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// The new code a function's direct callers call now, if suture rewrote
+/// any of them.
+fn new_code(st: &Value, func: &str) -> Vec<u64> {
+    let mut out: Vec<u64> = st["sites"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["function"] == func)
+        .flat_map(|s| s["callers"].as_array().cloned().unwrap_or_default())
+        .filter_map(|c| {
+            c["calls"]
+                .as_str()
+                .and_then(|a| u64::from_str_radix(a.trim_start_matches("0x"), 16).ok())
+        })
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 /// The site mode of a function ("none" when it has no site).
@@ -204,8 +231,16 @@ fn run_in(o: &Options, dir: &Path) -> Result<()> {
         .ok_or("no step thread id")?;
     // Instructions of one call (triv, slow50) by single-stepping, per mode.
     let mut steps: Vec<Vec<String>> = vec![Vec::new(); 4];
-    let mut step = |t: &mut Target, i: usize| {
-        let r = crate::step::count(pid, step_tid, &[triv_addr, slow_addr], || {
+    // A call may reach the function's entry or, once suture rewrote the
+    // direct call, the new code itself: either starts the count.
+    let mut step = |t: &mut Target, i: usize, st: &Value| {
+        let entries = |name: &str, entry: u64| {
+            let mut v = vec![entry];
+            v.extend(new_code(st, name));
+            v
+        };
+        let funcs = [entries("triv", triv_addr), entries("slow50", slow_addr)];
+        let r = crate::step::count(pid, step_tid, &funcs, || {
             t.send("s")?;
             t.line().map(|_| ())
         });
@@ -229,6 +264,7 @@ fn run_in(o: &Options, dir: &Path) -> Result<()> {
     // per mode, per round: median over batches of (function - its never-patched twin)
     let mut triv_pair = vec![Vec::new(); 4];
     let mut slow_pair = vec![Vec::new(); 4];
+    let mut ptr_pair = vec![Vec::new(); 4];
     let mut insn: Vec<Option<(f64, f64)>> = vec![None; 4];
     let mut bytes = vec![String::new(); 4];
     let mut modes_seen = vec![String::new(); 4];
@@ -245,6 +281,8 @@ fn run_in(o: &Options, dir: &Path) -> Result<()> {
             triv_pair[i].push(stats(&d).0);
             let d: Vec<f64> = m.slow.iter().zip(&m.stwin).map(|(a, b)| a - b).collect();
             slow_pair[i].push(stats(&d).0);
+            let d: Vec<f64> = m.tptr.iter().zip(&m.bptr).map(|(a, b)| a - b).collect();
+            ptr_pair[i].push(stats(&d).0);
             if i == 0 {
                 jmp_med[0].push(stats(&m.jmp1).0);
                 jmp_med[1].push(stats(&m.jmp2).0);
@@ -260,14 +298,14 @@ fn run_in(o: &Options, dir: &Path) -> Result<()> {
             modes_seen[i] = site_mode(st, "triv");
             round.insert(
                 MODES[i].into(),
-                json!({ "triv_ns": m.triv, "slow50_ns": m.slow, "ref_jmp1_ns": m.jmp1, "ref_jmp2_ns": m.jmp2, "twin_triv_body_ns": m.tbody, "twin_slow50_ns": m.stwin, "insn_per_call": m.insn.map(|(a, b)| vec![a, b]),
+                json!({ "triv_ns": m.triv, "slow50_ns": m.slow, "ref_jmp1_ns": m.jmp1, "ref_jmp2_ns": m.jmp2, "twin_triv_body_ns": m.tbody, "twin_slow50_ns": m.stwin, "triv_by_pointer_ns": m.tptr, "twin_triv_body_by_pointer_ns": m.bptr, "insn_per_call": m.insn.map(|(a, b)| vec![a, b]),
                         "triv_site": site_mode(st, "triv"), "triv_entry_bytes": hex(&b) }),
             );
         };
         // 1. unpatched
         let st = su.status(pid)?;
         let m = measure(&mut t, o)?;
-        step(&mut t, 0);
+        step(&mut t, 0, &st);
         record(0, m, &st, read_mem(pid, triv_addr, 8)?, &mut round);
 
         // 2. during a transition: holder() keeps it open
@@ -282,7 +320,7 @@ fn run_in(o: &Options, dir: &Path) -> Result<()> {
         if st2["transition"].is_null() || pending_names(&st2) != ["holder"] {
             return Err(format!("transition state changed while measuring: {st2}"));
         }
-        step(&mut t, 1);
+        step(&mut t, 1, &st2);
         record(1, m, &st, read_mem(pid, triv_addr, 8)?, &mut round);
 
         // 3. after the transition
@@ -291,7 +329,7 @@ fn run_in(o: &Options, dir: &Path) -> Result<()> {
         su.cmd(&["wait", &ps, "--timeout", "30"])?;
         let st = su.status(pid)?;
         let m = measure(&mut t, o)?;
-        step(&mut t, 2);
+        step(&mut t, 2, &st);
         record(2, m, &st, read_mem(pid, triv_addr, 8)?, &mut round);
 
         // 4. after nop removal: the replace patch (changes other()) takes over
@@ -309,7 +347,7 @@ fn run_in(o: &Options, dir: &Path) -> Result<()> {
             ));
         }
         let m = measure(&mut t, o)?;
-        step(&mut t, 3);
+        step(&mut t, 3, &st);
         record(3, m, &st, b, &mut round);
 
         // back to unpatched for the next round
@@ -347,6 +385,7 @@ fn run_in(o: &Options, dir: &Path) -> Result<()> {
         jmps: jmp_med,
         triv_pair,
         slow_pair,
+        ptr_pair,
         jmp_pair,
         insn,
         bytes,

@@ -22,6 +22,8 @@ pub struct Calls {
     /// per mode, per round: median over batches of (triv - triv_body), (slow50 - slow50_twin)
     pub triv_pair: Vec<Vec<f64>>,
     pub slow_pair: Vec<Vec<f64>>,
+    /// per mode, per round: median over batches of (triv by pointer - triv_body by pointer)
+    pub ptr_pair: Vec<Vec<f64>>,
     /// per round: median over batches of (triv_jmp1 - triv_body), (triv_jmp2 - triv_body)
     pub jmp_pair: Vec<Vec<f64>>,
     pub insn: Vec<Option<(f64, f64)>>,
@@ -128,11 +130,12 @@ impl Calls {
         let bytes_same = self.bytes[3] == self.bytes[0];
         let tp = paired(&self.triv_pair);
         let sp = paired(&self.slow_pair);
+        let pp = paired(&self.ptr_pair);
         let (j1, _, _) = stats(&self.jmp_pair[0]);
         let (j2, _, _) = stats(&self.jmp_pair[1]);
         vec![
             Target {
-                name: "after a transition: at most 0.15 ns added to a trivial call",
+                name: "after a transition: at most 0.15 ns added to a trivial call (a direct call, which suture rewrites to call the new code)",
                 figure: format!(
                     "{:+.3} ns paired with the never-patched twin (rounds {:+.3} .. {:+.3}); {:+.3} ns unpaired (rounds {:+.3} .. {:+.3})",
                     tp[2].0, tp[2].1, tp[2].2, t[2].added, t[2].added_min, t[2].added_max
@@ -140,12 +143,20 @@ impl Calls {
                 met: tp[2].0 <= TARGET_AFTER_NS,
             },
             Target {
+                name: "after a transition: at most 0.15 ns added to a trivial call made through a function pointer (it reaches the entry's one `jmp`)",
+                figure: format!(
+                    "{:+.3} ns paired with `triv_body` called through a pointer (rounds {:+.3} .. {:+.3}); one `jmp` compiled into the target adds {:+.3} ns",
+                    pp[2].0, pp[2].1, pp[2].2, j1
+                ),
+                met: pp[2].0 <= TARGET_AFTER_NS,
+            },
+            Target {
                 name: "after a transition: clearly below a two-jump redirect through padding",
                 figure: format!(
-                    "{:+.3} ns vs {:+.3} ns for two direct jumps compiled into the target ({:+.3} ns for one), paired in the same batches",
-                    tp[2].0, j2, j1
+                    "direct call {:+.3} ns, through a pointer {:+.3} ns, vs {:+.3} ns for two direct jumps compiled into the target ({:+.3} ns for one), paired in the same batches",
+                    tp[2].0, pp[2].0, j2, j1
                 ),
-                met: tp[2].0 < j2,
+                met: tp[2].0 < j2 && pp[2].0 < j2,
             },
             Target {
                 name: "after nop removal: no difference (the original bytes)",
@@ -194,15 +205,17 @@ impl Calls {
         );
         let tp = paired(&self.triv_pair);
         let sp = paired(&self.slow_pair);
+        let pp = paired(&self.ptr_pair);
         println!(
-            "{:<54} {:>36} {:>36}",
+            "{:<54} {:>36} {:>36} {:>12}",
             "mode",
             "triv ns (added, paired added, ratio)",
-            "slow50 ns (added, paired added, ratio)"
+            "slow50 ns (added, paired added, ratio)",
+            "by pointer"
         );
         for i in 0..4 {
             println!(
-                "{:<54} {:>8.3} ({:+.3}, {:+.3}, {:.3}x) {:>8.2} ({:+.2}, {:+.2}, {:.3}x)",
+                "{:<54} {:>8.3} ({:+.3}, {:+.3}, {:.3}x) {:>8.2} ({:+.2}, {:+.2}, {:.3}x) {:+.3}",
                 MODE_TITLES[i],
                 t[i].med,
                 t[i].added,
@@ -211,7 +224,8 @@ impl Calls {
                 s[i].med,
                 s[i].added,
                 sp[i].0,
-                s[i].ratio
+                s[i].ratio,
+                pp[i].0
             );
         }
         let j = self.ref_figs();
@@ -255,6 +269,7 @@ impl Calls {
         let s = figs(&self.slow);
         let tp = paired(&self.triv_pair);
         let sp = paired(&self.slow_pair);
+        let pp = paired(&self.ptr_pair);
         let mut modes = serde_json::Map::new();
         for i in 0..4 {
             modes.insert(
@@ -268,7 +283,9 @@ impl Calls {
                         "triv_minus_twin_round_medians_ns": self.triv_pair[i],
                         "slow50_minus_twin_round_medians_ns": self.slow_pair[i],
                         "triv_added_paired_ns": { "median": tp[i].0, "min": tp[i].1, "max": tp[i].2 },
-                        "slow50_added_paired_ns": { "median": sp[i].0, "min": sp[i].1, "max": sp[i].2 } }),
+                        "slow50_added_paired_ns": { "median": sp[i].0, "min": sp[i].1, "max": sp[i].2 },
+                        "triv_by_pointer_minus_twin_round_medians_ns": self.ptr_pair[i],
+                        "triv_by_pointer_added_paired_ns": { "median": pp[i].0, "min": pp[i].1, "max": pp[i].2 } }),
             );
         }
         let j = self.ref_figs();
@@ -333,10 +350,13 @@ impl Calls {
              the redirection is measured. Each of the {} rounds goes through the four modes in order: \
              unpatched; `suture apply --no-wait` while a thread sits blocked in `holder()` (patched too), so \
              the transition stays open and the measuring thread, once switched, runs through the per-thread \
-             dispatch stub; after the transition (one `jmp` at the entry); after a `.replace` patch that \
+             dispatch stub; after the transition (the entry jumps to the new code, and the measuring loop's \
+             direct call was rewritten by suture to call the new code itself); after a `.replace` patch that \
              changes another function (`c/patch_replace.c`) removed the nops (the entry bytes are checked \
              against the original); then the replace patch is disabled. A round's figure is the median of \
-             {} batches of {} calls (triv) or {} calls (slow50); the loop's own cost is included.\n",
+             {} batches of {} calls (triv) or {} calls (slow50); the loop's own cost is included. Each batch \
+             also calls `triv` through a function pointer (a caller suture cannot rewrite, which reaches the \
+             entry and its jump), paired with `triv_body` called the same way.\n",
             self.opts_rounds,
             self.opts_batches,
             self.opts_calls,
@@ -344,15 +364,16 @@ impl Calls {
         );
         let _ = writeln!(
             m,
-            "| mode | triv ns/call (min..max) | added ns | added ns, paired (min..max) | ratio | slow50 ns/call (min..max) | added ns | added ns, paired (min..max) | ratio | triv entry bytes | triv site |"
+            "| mode | triv ns/call (min..max) | added ns | added ns, paired (min..max) | ratio | slow50 ns/call (min..max) | added ns | added ns, paired (min..max) | ratio | triv through a pointer: added ns, paired (min..max) | triv entry bytes | triv site |"
         );
-        let _ = writeln!(m, "|---|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(m, "|---|---|---|---|---|---|---|---|---|---|---|---|");
         let tp = paired(&self.triv_pair);
         let sp = paired(&self.slow_pair);
+        let pp = paired(&self.ptr_pair);
         for i in 0..4 {
             let _ = writeln!(
                 m,
-                "| {} | {:.3} ({:.3}..{:.3}) | {:+.3} | {:+.3} ({:+.3}..{:+.3}) | {:.3} | {:.2} ({:.2}..{:.2}) | {:+.2} | {:+.2} ({:+.2}..{:+.2}) | {:.3} | `{}` | {} |",
+                "| {} | {:.3} ({:.3}..{:.3}) | {:+.3} | {:+.3} ({:+.3}..{:+.3}) | {:.3} | {:.2} ({:.2}..{:.2}) | {:+.2} | {:+.2} ({:+.2}..{:+.2}) | {:.3} | {:+.3} ({:+.3}..{:+.3}) | `{}` | {} |",
                 MODE_TITLES[i],
                 t[i].med,
                 t[i].min,
@@ -370,6 +391,9 @@ impl Calls {
                 sp[i].1,
                 sp[i].2,
                 s[i].ratio,
+                pp[i].0,
+                pp[i].1,
+                pp[i].2,
                 self.bytes[i],
                 self.sites[i]
             );
@@ -384,7 +408,7 @@ impl Calls {
         {
             let _ = writeln!(
                 m,
-                "| {name} | {:.3} ({:.3}..{:.3}) | {:+.3} | {:+.3} | {:.3} | | | | | | |",
+                "| {name} | {:.3} ({:.3}..{:.3}) | {:+.3} | {:+.3} | {:.3} | | | | | | | |",
                 j[k].med,
                 j[k].min,
                 j[k].max,
@@ -417,23 +441,32 @@ impl Calls {
                 if tg.met { "yes" } else { "**no**" }
             );
         }
+        let (j1, _, _) = stats(&self.jmp_pair[0]);
+        let direct = tp_after_missing(&self.triv_pair);
+        let by_pointer = paired(&self.ptr_pair)[2].0;
+        let _ = writeln!(
+            m,
+            "\nAfter a transition suture rewrites every direct `call` of the patched function in its object \
+             to call the new code (the loop here: {direct:+.3} ns, and the single-stepped count is that of the \
+             new code alone), and points them back at the entry whenever the function changes again (a \
+             transition starts, a patch is disabled, a nop is removed). A call it cannot rewrite (through a \
+             pointer, from another object through the PLT) reaches the entry's one direct `jmp`: \
+             {by_pointer:+.3} ns here, where one `jmp` compiled into the target and never patched adds {j1:+.3} \
+             ns in the same batches. {}",
+            if targets[1].met {
+                "Both are within the 0.15 ns target."
+            } else {
+                "That is one taken direct jump in a chain of dependent calls (about one cycle on this \
+                 machine), above the 0.15 ns target; closing it for calls through pointers would need no \
+                 jump at all on their path, i.e. rewriting the stored function pointers, which suture cannot \
+                 find reliably from outside the process."
+            }
+        );
         if !targets[0].met {
-            let (j1, _, _) = stats(&self.jmp_pair[0]);
             let _ = writeln!(
                 m,
-                "\nThe 0.15 ns target after a transition is missed by {:.3} ns: suture adds {:+.3} ns where one \
-                 `jmp` compiled into the target, never patched, adds {:+.3} ns in the same batches, and the \
-                 single-stepped count shows exactly one more instruction (the `jmp`). The cost is that of one \
-                 taken direct jump in a loop of dependent calls (about one cycle here, where each call already \
-                 takes a few cycles), the same as suture's within this machine's noise: nothing else on the path costs measurably. \
-                 Closing it needs no jump at all on the call path: rewriting the direct call sites of the patched \
-                 function (and its address-taken uses) to the new code once the transition completes, keeping \
-                 the entry `jmp` only for callers that cannot be rewritten. The libpulp comparison holds: the \
-                 two-jump shape costs {:+.3} ns here.",
-                tp_after_missing(&self.triv_pair) - TARGET_AFTER_NS,
-                tp_after_missing(&self.triv_pair),
-                j1,
-                stats(&self.jmp_pair[1]).0
+                "\nThe 0.15 ns target for a direct call is missed by {:.3} ns in this run.",
+                direct - TARGET_AFTER_NS
             );
         }
         let _ = writeln!(

@@ -31,11 +31,13 @@ fn regs(tid: i32) -> Result<libc::user_regs_struct> {
 /// Seizes thread `tid` of `pid` (blocked in read() on its pipe), calls
 /// `release` (which makes it call each function of `funcs` once, in order),
 /// single-steps it and returns the instructions executed from each function's
-/// entry to its return (the `ret` included, the `call` not). Detaches.
+/// entry to its return (the `ret` included, the `call` not). A function may
+/// have several entries (its own, and the new code its callers were
+/// rewritten to call). Detaches.
 pub fn count(
     pid: i32,
     tid: i32,
-    funcs: &[u64],
+    funcs: &[Vec<u64>],
     release: impl FnOnce() -> Result<()>,
 ) -> Result<Vec<u64>> {
     if unsafe { libc::ptrace(libc::PTRACE_SEIZE, tid, 0, 0) } < 0 {
@@ -58,7 +60,7 @@ pub fn count(
             wait_stop(tid)?;
             let rg = regs(tid)?;
             match ret_addr {
-                None if rg.rip == funcs[next] => {
+                None if funcs[next].contains(&rg.rip) => {
                     let b = read_mem(pid, rg.rsp, 8)?;
                     ret_addr = Some(u64::from_le_bytes(b.try_into().unwrap()));
                     n = 1; // this instruction (at the entry) is about to run

@@ -460,6 +460,15 @@ impl ObjectFile {
             .map(|e| e.sym.clone())
     }
 
+    /// The functions with a size (FUNC symbols, locals included), by
+    /// address; a function with several names appears once per name.
+    pub fn functions(&self) -> impl Iterator<Item = &Symbol> {
+        self.by_addr
+            .iter()
+            .map(|&i| &self.symbols[i])
+            .filter(|s| s.kind == SymKind::Func)
+    }
+
     /// The function containing link-time address `vaddr`, and the offset of
     /// `vaddr` in it. Globals are preferred over locals at the same address.
     pub fn symbol_at(&self, vaddr: u64) -> Option<(Symbol, u64)> {

@@ -10,6 +10,7 @@
 //! ([`write`]).
 
 pub mod callbacks;
+pub mod callers;
 pub mod check;
 pub mod frames;
 pub mod lock;

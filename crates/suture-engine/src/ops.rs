@@ -169,6 +169,8 @@ struct NewSite {
     func_size: u64,
     object: (u64, u64),
     plan: SitePlan,
+    /// Direct calls to the function in its object.
+    callers: Vec<crate::record::Caller>,
 }
 
 /// Everything `apply` needs, computed without changing the target.
@@ -303,6 +305,7 @@ fn prepare(s: &Session, path: &Path) -> Result<Prepared, Error> {
                     func_size: sym.size,
                     object: (obj.start, obj.end),
                     plan,
+                    callers: Vec::new(),
                 });
             } else {
                 checks.push(CheckItem {
@@ -344,6 +347,34 @@ fn prepare(s: &Session, path: &Path) -> Result<Prepared, Error> {
                 "the patch sites of '{}' and '{}' overlap; patch only one of them",
                 w[0].2, w[1].2
             )));
+        }
+    }
+    // Direct calls to the new sites' functions, rewritten to call the new
+    // code once the transition completes.
+    let exclude: Vec<(u64, u64)> = ranges.iter().map(|&(a, b, _)| (a, b)).collect();
+    for obj in &patched_objs {
+        let funcs: BTreeSet<u64> = new_sites
+            .iter()
+            .filter(|n| n.object == (obj.start, obj.end))
+            .map(|n| n.func_addr)
+            .collect();
+        let found = crate::callers::find(&s.proc, obj, &funcs, &exclude)?;
+        for n in new_sites
+            .iter_mut()
+            .filter(|n| funcs.contains(&n.func_addr))
+        {
+            n.callers = crate::callers::records(n.func_addr, &found);
+            if !n.callers.is_empty() {
+                checks.push(CheckItem {
+                    check: "callers".into(),
+                    detail: format!(
+                        "{}: {} direct call(s) in {} will call the new code once the transition completes",
+                        n.name,
+                        n.callers.len(),
+                        obj.path
+                    ),
+                });
+            }
         }
     }
     s.rec.model.check_enable(&patch)?;
@@ -624,6 +655,7 @@ fn apply_prepared(
             slot: *slot,
             current: ns.plan.original.clone(),
             resume_map,
+            callers: ns.callers.clone(),
         });
     }
 
@@ -998,6 +1030,7 @@ fn site_writes(
             });
             site.current = bytes;
         }
+        writes.extend(crate::callers::writes(site, mode));
     }
     Ok(writes)
 }

@@ -49,6 +49,19 @@ pub struct Site {
     /// the jump is written).
     #[serde(default)]
     pub resume_map: Vec<(u64, u64)>,
+    /// Direct calls to the function in its own object (see `callers.rs`):
+    /// rewritten to call the new code while the site is a plain jump to it.
+    #[serde(default)]
+    pub callers: Vec<Caller>,
+}
+
+/// One `call rel32` to a site's function.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Caller {
+    /// Address of the `call` instruction.
+    pub addr: u64,
+    /// What it calls now: the function's entry, or the new code.
+    pub to: u64,
 }
 
 impl Site {

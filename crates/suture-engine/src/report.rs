@@ -104,6 +104,15 @@ pub struct SiteStatus {
     /// "jump" to new code, "original", or "dispatch" during a transition.
     pub mode: String,
     pub target: Option<String>,
+    /// The direct calls to the function in its object, and what each calls
+    /// now (the new code once a transition completed, else the entry).
+    pub callers: Vec<CallerStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CallerStatus {
+    pub address: String,
+    pub calls: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -187,6 +196,14 @@ impl StatusReport {
                     address: hex(s.func_addr),
                     mode: mode.into(),
                     target,
+                    callers: s
+                        .callers
+                        .iter()
+                        .map(|c| CallerStatus {
+                            address: hex(c.addr),
+                            calls: hex(c.to),
+                        })
+                        .collect(),
                 }
             })
             .collect();

@@ -768,6 +768,45 @@ pub fn call_return_points(code: &[u8], at: u64) -> Vec<u64> {
     out
 }
 
+/// The direct calls (`call rel32`, opcode `E8` without prefixes) in one
+/// function's code placed at `at` whose destination is in `targets`:
+/// `(address of the call, destination)`. The code is decoded linearly from
+/// the function's start, so `code` must be exactly one function (data or
+/// padding after an unconditional branch could otherwise be misread).
+/// Decoding stops at the first invalid instruction.
+pub fn direct_calls_to(
+    code: &[u8],
+    at: u64,
+    targets: &std::collections::BTreeSet<u64>,
+) -> Vec<(u64, u64)> {
+    let mut dec = iced_x86::Decoder::with_ip(64, code, at, iced_x86::DecoderOptions::NONE);
+    let mut out = Vec::new();
+    while dec.can_decode() {
+        let pos = dec.position();
+        let ins = dec.decode();
+        if ins.is_invalid() {
+            break;
+        }
+        let plain_call = ins.len() == CALL_REL32_LEN
+            && code[pos] == 0xE8
+            && ins.flow_control() == iced_x86::FlowControl::Call;
+        if plain_call && targets.contains(&ins.near_branch_target()) {
+            out.push((ins.ip(), ins.near_branch_target()));
+        }
+    }
+    out
+}
+
+/// Length of `call rel32`.
+pub const CALL_REL32_LEN: usize = 5;
+
+/// `call rel32` placed at `from` calling `to`, or `None` if out of range.
+pub fn call_rel32(from: u64, to: u64) -> Option<[u8; 5]> {
+    let rel = rel32(from.wrapping_add(CALL_REL32_LEN as u64), to)?;
+    let d = rel.to_le_bytes();
+    Some([0xE8, d[0], d[1], d[2], d[3]])
+}
+
 /// `jmp rel32` placed at `from` jumping to `to`, or `None` if out of range.
 pub fn jmp_rel32(from: u64, to: u64) -> Option<[u8; 5]> {
     let rel = rel32(from.wrapping_add(JMP_REL32_LEN as u64), to)?;

@@ -1182,3 +1182,46 @@ mod prop {
         }
     }
 }
+
+#[test]
+fn direct_calls_to_finds_only_plain_rel32_calls_to_the_targets() {
+    let at = 0x1000u64;
+    let f = 0x2000u64;
+    let g = 0x3000u64;
+    let mut code = Vec::new();
+    // push rbp
+    code.push(0x55);
+    // call f (at 0x1001)
+    code.extend(call_rel32(at + 1, f).unwrap());
+    // call g (at 0x1006): not a target
+    code.extend(call_rel32(at + 6, g).unwrap());
+    // mov eax, 0x000020e8 (an E8 byte inside another instruction)
+    code.extend([0xB8, 0xE8, 0x20, 0x00, 0x00]);
+    // call qword ptr [rip+0] (indirect)
+    code.extend([0xFF, 0x15, 0, 0, 0, 0]);
+    // jmp f (a tail call is not a call site)
+    code.extend(jmp_rel32(at + code.len() as u64, f).unwrap());
+    // call f again (at 0x101d)
+    let second = at + code.len() as u64;
+    code.extend(call_rel32(second, f).unwrap());
+    code.push(0xC3);
+    let targets: std::collections::BTreeSet<u64> = [f].into();
+    assert_eq!(
+        direct_calls_to(&code, at, &targets),
+        vec![(at + 1, f), (second, f)]
+    );
+    // Decoding stops at an invalid instruction.
+    let mut bad = vec![0x06];
+    bad.extend(call_rel32(at + 1, f).unwrap());
+    assert!(direct_calls_to(&bad, at, &targets).is_empty());
+}
+
+#[test]
+fn call_rel32_encodes_and_refuses_out_of_range() {
+    assert_eq!(call_rel32(0x1000, 0x1005), Some([0xE8, 0, 0, 0, 0]));
+    assert_eq!(
+        call_rel32(0x1000, 0x1000),
+        Some([0xE8, 0xFB, 0xFF, 0xFF, 0xFF])
+    );
+    assert_eq!(call_rel32(0x1000, 0x1_0000_1000), None);
+}

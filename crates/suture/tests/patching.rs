@@ -94,6 +94,76 @@ fn static_and_global_functions_in_a_pie_program() {
     assert_eq!(st["patches"].as_array().unwrap().len(), 0);
 }
 
+/// The direct callers `status --json` lists for the site of `func`:
+/// (call address, what it calls).
+fn callers_of(t: &Target, func: &str) -> Vec<(u64, u64)> {
+    let st = json(&["status", &pid(t), "--json"]);
+    let hex = |v: &serde_json::Value| {
+        u64::from_str_radix(v.as_str().unwrap().trim_start_matches("0x"), 16).unwrap()
+    };
+    st["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["function"] == func)
+        .flat_map(|s| s["callers"].as_array().unwrap().clone())
+        .map(|c| (hex(&c["address"]), hex(&c["calls"])))
+        .collect()
+}
+
+/// The bytes of `call rel32` at `at` to `to`.
+fn call_bytes(at: u64, to: u64) -> Vec<u8> {
+    let rel = (to.wrapping_sub(at + 5) as i64 as i32).to_le_bytes();
+    let mut v = vec![0xE8];
+    v.extend(rel);
+    v
+}
+
+#[test]
+fn direct_callers_call_the_new_code_after_the_transition_and_are_restored() {
+    let mut t = Target::standard("target");
+    let entry = t.addr("compute_static");
+    ok(&["apply", &pid(&t), &f("stack1.o")]);
+    all(&mut t, (11, 101, 1001));
+    // worker() calls compute_static directly: that call now calls the new
+    // code, and the entry still jumps there for every other caller.
+    let callers = callers_of(&t, "compute_static");
+    assert!(!callers.is_empty(), "worker's call is found");
+    let st = json(&["status", &pid(&t), "--json"]);
+    let new = st["patches"][0]["objects"][0]["funcs"][0]["new_addr"]
+        .as_str()
+        .map(|a| u64::from_str_radix(a.trim_start_matches("0x"), 16).unwrap())
+        .unwrap();
+    for &(at, to) in &callers {
+        assert_eq!(to, new, "caller at {at:#x}");
+        assert_eq!(read_mem(t.pid, at, 5), call_bytes(at, new));
+    }
+    // Stacking: the callers follow the newest patch.
+    ok(&["apply", &pid(&t), &f("stack2.o")]);
+    all(&mut t, (21, 101, 1001));
+    let newer = callers_of(&t, "compute_static");
+    assert!(
+        newer.iter().all(|&(_, to)| to != new && to != entry),
+        "{newer:x?}"
+    );
+    for &(at, to) in &newer {
+        assert_eq!(read_mem(t.pid, at, 5), call_bytes(at, to));
+    }
+    ok(&["disable", &pid(&t), "stack2"]);
+    all(&mut t, (11, 101, 1001));
+    assert_eq!(callers_of(&t, "compute_static"), callers);
+    ok(&["disable", &pid(&t), "stack1"]);
+    all(&mut t, BASE);
+    // Every call is back to the entry: the original bytes.
+    for &(at, _) in &callers {
+        assert_eq!(read_mem(t.pid, at, 5), call_bytes(at, entry));
+        assert_eq!(
+            read_mem(t.pid, at, 5),
+            file_bytes(t.pid, &fixture("target"), at, 5)
+        );
+    }
+}
+
 #[test]
 fn non_pie_program() {
     let mut t = Target::standard("target-nopie");
