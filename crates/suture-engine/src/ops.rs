@@ -585,8 +585,6 @@ fn apply_prepared(
         addr: base,
         len: size,
     });
-    let image = link(&layout, base, &symbols)?;
-    memory::install_image(&s.proc, &image, base)?;
 
     // Slots for the new sites, in arenas near their objects.
     let mut slots: Vec<u64> = Vec::new();
@@ -625,7 +623,11 @@ fn apply_prepared(
         undo.regions.push(t.0.clone());
         Some(t)
     };
+    // The borrowed thread goes back to its work before the image is linked
+    // and written (from outside, through /proc/PID/mem).
     h.release()?;
+    let image = link(&layout, base, &symbols)?;
+    memory::install_image(&s.proc, &image, base)?;
 
     // Trampolines: the relocated first instructions of each function.
     let mut new_site_records = Vec::new();

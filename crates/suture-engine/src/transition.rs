@@ -547,7 +547,7 @@ impl<'a> Driver<'a> {
 }
 
 /// How many threads a sweep asks to stop ahead of the one it checks.
-const SWEEP_AHEAD: usize = 8;
+const SWEEP_AHEAD: usize = 1;
 
 /// Whether thread `tid` of the process still exists.
 pub fn thread_alive(proc: &Process, tid: i32) -> bool {

@@ -142,7 +142,7 @@ pub fn write_code_with_hook(
 }
 
 /// How many threads are asked to stop ahead of the one examined.
-const AHEAD: usize = 8;
+const AHEAD: usize = 1;
 /// How long to wait for one thread to stop for its examination.
 const THREAD_STOP_TIMEOUT: Duration = Duration::from_secs(3);
 

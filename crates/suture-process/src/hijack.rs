@@ -344,6 +344,9 @@ impl Process {
         // A thread let go earlier but not yet detached (it had not stopped)
         // is released first if it can be.
         sys::release_abandoned(Duration::ZERO);
+        // Found (and cached) before the thread is stopped: scanning the C
+        // library for them takes milliseconds the thread would wait.
+        let _ = self.return_gadgets();
         let started = Instant::now();
         let boost = crate::boost::Boost::new();
         let deadline = started + timeout;
@@ -1464,7 +1467,7 @@ impl Hijack<'_> {
         let tid = self.tid;
         let state = std::mem::replace(&mut self.state, State::Gone);
         if !matches!(state, State::Gone) {
-            crate::hold::record_thread(self.started.elapsed());
+            crate::hold::record_thread("borrowed", tid, self.started.elapsed());
         }
         let _boost = self.boost.take();
         let state = if state == State::Stopped(Stop::SyscallExit) {

@@ -38,7 +38,19 @@ pub fn take_hold_stats() -> HoldStats {
     STATS.with(|s| s.take())
 }
 
+/// `SUTURE_DEBUG_HOLDS=1`: every stop is also logged on stderr (what kind,
+/// how long), to see where a command's pauses come from.
+fn debug(what: std::fmt::Arguments<'_>) {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *ON.get_or_init(|| std::env::var_os("SUTURE_DEBUG_HOLDS").is_some_and(|v| v == "1")) {
+        eprintln!("suture: hold: {what}");
+    }
+}
+
 pub(crate) fn record_whole(threads: usize, held: Duration, all: Duration) {
+    debug(format_args!(
+        "whole process, {threads} threads: longest wait {held:?}, all stopped {all:?}"
+    ));
     STATS.with(|s| {
         let mut v = s.get();
         v.whole_stops += 1;
@@ -49,7 +61,8 @@ pub(crate) fn record_whole(threads: usize, held: Duration, all: Duration) {
     });
 }
 
-pub(crate) fn record_thread(held: Duration) {
+pub(crate) fn record_thread(kind: &str, tid: i32, held: Duration) {
+    debug(format_args!("{kind} thread {tid}: {held:?}"));
     STATS.with(|s| {
         let mut v = s.get();
         v.thread_stops += 1;

@@ -323,7 +323,7 @@ impl Tracer<'_> {
         match result {
             Ok(()) => {
                 if let Some(since) = t.held_since.take() {
-                    crate::hold::record_thread(since.elapsed());
+                    crate::hold::record_thread("checked", tid, since.elapsed());
                 }
                 t.state = if group {
                     State::Listening
@@ -351,7 +351,7 @@ impl Tracer<'_> {
             return match sys::detach(tid, 0) {
                 Ok(()) => {
                     if let Some(since) = t.held_since {
-                        crate::hold::record_thread(since.elapsed());
+                        crate::hold::record_thread("checked", tid, since.elapsed());
                     }
                     self.threads.remove(&tid);
                     self.update_boost();
@@ -516,7 +516,7 @@ impl Tracer<'_> {
             }
             if !held {
                 if let Some(since) = t.held_since.take() {
-                    crate::hold::record_thread(since.elapsed());
+                    crate::hold::record_thread("checked", tid, since.elapsed());
                 }
             }
             t.state = state;
