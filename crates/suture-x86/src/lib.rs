@@ -32,6 +32,7 @@ use iced_x86::{
 };
 
 pub mod dispatch;
+pub mod trap;
 #[doc(hidden)]
 pub mod fuzzing;
 mod tables;
