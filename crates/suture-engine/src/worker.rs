@@ -189,6 +189,8 @@ fn drive(s: &mut Session, me: WorkerRecord) -> Result<bool, Error> {
                         d.on_syscall(&mut tracer, tid, &regs, due)?;
                     }
                     Some(TraceEvent::Exited(tid)) => d.on_exit(tid),
+                    // The worker does not watch births.
+                    Some(TraceEvent::Born { tid, .. }) => tracer.detach(tid)?,
                     None => {}
                 }
             }

@@ -213,6 +213,15 @@ pub(crate) fn seize_tracesysgood(tid: Tid) -> nix::Result<()> {
     ptrace::seize(pid(tid), ptrace::Options::PTRACE_O_TRACESYSGOOD)
 }
 
+/// Like [`seize_tracesysgood`], with `PTRACE_O_TRACECLONE`: threads the
+/// tracee creates are traced from birth.
+pub(crate) fn seize_tracesysgood_clone(tid: Tid) -> nix::Result<()> {
+    ptrace::seize(
+        pid(tid),
+        ptrace::Options::PTRACE_O_TRACESYSGOOD | ptrace::Options::PTRACE_O_TRACECLONE,
+    )
+}
+
 pub(crate) fn interrupt(tid: Tid) -> nix::Result<()> {
     ptrace::interrupt(pid(tid))
 }

@@ -2,10 +2,12 @@
 //! transition worker): some threads stay seized, are stopped one at a time
 //! for a quick check, and are caught at system-call entries.
 //!
-//! Threads are seized with `PTRACE_O_TRACESYSGOOD` only: never
+//! Threads are seized with `PTRACE_O_TRACESYSGOOD`: never
 //! `PTRACE_O_EXITKILL` (if we die, even by `SIGKILL`, the kernel detaches
-//! every tracee and it runs on) and never `PTRACE_O_TRACECLONE` (threads a
-//! tracee creates stay untraced). Stops use `PTRACE_INTERRUPT`, never
+//! every tracee and it runs on), and `PTRACE_O_TRACECLONE` only after
+//! [`Tracer::watch_births`] (then a thread a tracee creates is traced from
+//! its first instruction and reported [`TraceEvent::Born`] before it runs;
+//! otherwise threads a tracee creates stay untraced). Stops use `PTRACE_INTERRUPT`, never
 //! `SIGSTOP`. Nothing in a tracee is changed (registers, signal mask), so a
 //! detach, ours or the kernel's, leaves it as it was.
 //!
@@ -81,6 +83,13 @@ pub enum TraceEvent {
     },
     /// A traced thread exited (or vanished in an exec); it is no longer traced.
     Exited(Tid),
+    /// A thread created by a tracee (with [`Tracer::watch_births`]), held
+    /// before its first instruction until [`Tracer::resume`] or
+    /// [`Tracer::detach`].
+    Born {
+        tid: Tid,
+        regs: libc::user_regs_struct,
+    },
 }
 
 impl std::fmt::Debug for TraceEvent {
@@ -93,6 +102,10 @@ impl std::fmt::Debug for TraceEvent {
                 .field("rip", &format_args!("{:#x}", regs.rip))
                 .finish_non_exhaustive(),
             TraceEvent::Exited(tid) => f.debug_tuple("Exited").field(tid).finish(),
+            TraceEvent::Born { tid, .. } => f
+                .debug_struct("Born")
+                .field("tid", tid)
+                .finish_non_exhaustive(),
         }
     }
 }
@@ -120,6 +133,8 @@ struct Traced {
     /// A stop asked for by [`Tracer::request_stop`] and not collected yet
     /// (when it was asked).
     asked: Option<Instant>,
+    /// Created by a tracee and not stopped yet: its first stop is its birth.
+    unborn: bool,
 }
 
 /// Single threads of a process traced for as long as this lives; see the
@@ -139,6 +154,8 @@ pub struct Tracer<'p> {
     last_check: Instant,
     /// Raised priority while some thread is held (or asked to stop).
     boost: Option<crate::boost::Boost>,
+    /// Threads are seized with `PTRACE_O_TRACECLONE`.
+    births: bool,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -153,6 +170,7 @@ impl Process {
             cursor: 0,
             last_check: Instant::now(),
             boost: None,
+            births: false,
             _not_send: PhantomData,
         }
     }
@@ -173,6 +191,24 @@ impl Tracer<'_> {
     /// The traced threads, sorted.
     pub fn traced(&self) -> Vec<Tid> {
         self.threads.keys().copied().collect()
+    }
+
+    /// From now on, threads are seized with `PTRACE_O_TRACECLONE`: every
+    /// thread one of them creates is traced from birth and reported
+    /// ([`TraceEvent::Born`]) before it runs. (Threads already traced keep
+    /// their options.)
+    pub fn watch_births(&mut self) {
+        self.births = true;
+    }
+
+    /// Seizes `tid` (if it is not traced yet) without stopping it: it runs
+    /// on, its stops are handled by [`Tracer::next_event`], and the threads
+    /// it creates are reported if [`Tracer::watch_births`] was called.
+    pub fn attach(&mut self, tid: Tid) -> Result<()> {
+        if self.threads.contains_key(&tid) {
+            return Ok(());
+        }
+        self.seize(tid)
     }
 
     /// Seizes `tid` if it is not traced yet and asks it to stop, without
@@ -475,6 +511,31 @@ impl Tracer<'_> {
             self.set_state(tid, State::Held { group: false });
             return Ok(Some(TraceEvent::SyscallEntry { tid, regs }));
         }
+        // The first stop of a thread created by a tracee: its birth.
+        if t.unborn && report == Report::Interrupt {
+            if let Some(c) = self.threads.get_mut(&tid) {
+                c.unborn = false;
+            }
+            if let Ok(regs) = sys::getregs(tid) {
+                self.set_state(tid, State::Held { group: false });
+                return Ok(Some(TraceEvent::Born { tid, regs }));
+            }
+        }
+        if report == Report::PtraceEvent(libc::PTRACE_EVENT_CLONE) {
+            // The new thread is traced already; its first stop reports it.
+            if let Ok(child) = sys::event_msg(tid) {
+                let child = child as Tid;
+                let start_time = self.process.thread_stat(child).map_or(0, |s| s.start_time);
+                self.threads.entry(child).or_insert(Traced {
+                    how: Resume::Run,
+                    state: State::Running,
+                    start_time,
+                    held_since: None,
+                    asked: None,
+                    unborn: true,
+                });
+            }
+        }
         let (state, request, result) = match report {
             Report::Gone => unreachable!("handled above"),
             Report::GroupStop(_) => (State::Listening, "LISTEN", sys::listen(tid)),
@@ -529,7 +590,12 @@ impl Tracer<'_> {
             .thread_stat(tid)
             .filter(|s| !s.is_dead())
             .ok_or_else(|| self.process.vanished(tid))?;
-        if let Err(errno) = sys::seize_fresh(tid, sys::seize_tracesysgood) {
+        let seize = if self.births {
+            sys::seize_tracesysgood_clone
+        } else {
+            sys::seize_tracesysgood
+        };
+        if let Err(errno) = sys::seize_fresh(tid, seize) {
             return Err(self.process.seize_error(tid, errno));
         }
         // A traced thread's id is not reused: check it is still the thread
@@ -547,6 +613,7 @@ impl Tracer<'_> {
                 start_time: stat.start_time,
                 held_since: None,
                 asked: None,
+                unborn: false,
             },
         );
         Ok(())

@@ -34,8 +34,9 @@
 //! clobbers only `r11` and the flags, like the SysV ABI allows at a call.
 //!
 //! 1. Fast path: hash `fs:0`, and if its home slot is empty, restore `rax`
-//!    and jump to `target`.
-//! 2. Otherwise probe the chain. Not found: `target`.
+//!    and jump to `target` (to `initial` while the quarantine is on, see
+//!    [`DispatchStub::quarantine`]).
+//! 2. Otherwise probe the chain. Not found: as in 1.
 //! 3. Found: if the stub's trap switch (a literal byte, see
 //!    [`DispatchStub::trap_switch`]) is off, `initial` at once. Otherwise the
 //!    trap, a `getpid` system call. suture's transition worker
@@ -107,6 +108,13 @@ pub struct DispatchStub {
     /// `initial`. The trap is only worth its system call while a tracer
     /// waits for it (suture's transition worker turns it on).
     pub trap_switch: u64,
+    /// Address of the quarantine, the byte after the trap switch: 0 (as
+    /// built) sends a thread that is not in the table to `target`, 1 to
+    /// `initial` like a pending thread. suture turns it on while it writes
+    /// jumps to the stub without stopping the process and fills the table
+    /// meanwhile, so that a thread it has not seen yet keeps running the
+    /// code it ran before.
+    pub quarantine: u64,
     at: u64,
     /// (offset, words pushed before the instruction runs) per instruction, by offset.
     depths: Vec<(u32, u8)>,
@@ -256,8 +264,11 @@ pub fn table_remove(slots: &mut [u64], bits: u32, tp: u64) -> Option<usize> {
 /// [1] mov r11, table
 /// [1] cmp qword [r11 + rax*8], 0
 /// [1] jne occupied
-/// [1] miss: pop rax
+/// [1] miss: cmp byte [rip + quarantine], 0; jne quarantined
+/// [1] pop rax
 /// [0] jmp [rip + target]
+/// [1] quarantined: pop rax
+/// [0] jmp [rip + initial]
 /// [1] occupied: push rcx; push rdx
 /// [3] mov rcx, fs:[0]; mov edx, N
 /// [3] probe (found: trap, empty: miss3); when exhausted: miss3
@@ -266,7 +277,7 @@ pub fn table_remove(slots: &mut [u64], bits: u32, tp: u64) -> Option<usize> {
 /// [3] trap_end: mov rcx, fs:[0]; rehash into rax; mov r11, table; mov edx, N
 /// [3] probe (found: pending, empty: miss3); jmp miss3
 /// [3] pending: pop rdx; pop rcx; pop rax; jmp [rip + initial]
-///     align 8 (int3); target; initial
+///     align 8 (int3); target; initial; trap switch, quarantine (bytes)
 /// ```
 ///
 /// where a probe is
@@ -395,6 +406,7 @@ fn assemble(p: &DispatchParams, pad: usize) -> Result<Assembled, String> {
         stub: DispatchStub {
             trap_end: label_ip(&e.trap_end)?,
             trap_switch: label_ip(&e.switch_lit)?,
+            quarantine: label_ip(&e.switch_lit)? + 1,
             bytes: result.inner.code_buffer.clone(),
             at: p.at,
             depths,
@@ -409,7 +421,7 @@ fn emit(b: &mut Builder, p: &DispatchParams, pad: usize) -> Result<Emitted, Iced
     let tp = || qword_ptr(0u64).fs();
     let [mut miss, mut occupied, mut miss3, mut trap, mut trap_end, mut pending] =
         std::array::from_fn(|_| b.a.create_label());
-    let [mut target_lit, mut initial_lit, mut switch_lit] =
+    let [mut target_lit, mut initial_lit, mut switch_lit, mut quarantine_lit, mut quarantined] =
         std::array::from_fn(|_| b.a.create_label());
 
     // Fast path: home slot empty.
@@ -421,8 +433,14 @@ fn emit(b: &mut Builder, p: &DispatchParams, pad: usize) -> Result<Emitted, Iced
     b.ins(|a| a.cmp(qword_ptr(r11 + rax * 8), 0))?;
     b.ins(|a| a.jne(occupied))?;
     b.label(&mut miss, 1)?;
+    b.ins(|a| a.cmp(byte_ptr(quarantine_lit), 0))?;
+    b.ins(|a| a.jne(quarantined))?;
     b.ins(|a| a.pop(rax))?;
     b.ins(|a| a.jmp(qword_ptr(target_lit)))?;
+    // Quarantine on: a thread not in the table runs `initial` too.
+    b.label(&mut quarantined, 1)?;
+    b.ins(|a| a.pop(rax))?;
+    b.ins(|a| a.jmp(qword_ptr(initial_lit)))?;
 
     // Walk the chain from the home slot (rax, r11 still set).
     b.label(&mut occupied, 1)?;
@@ -463,8 +481,11 @@ fn emit(b: &mut Builder, p: &DispatchParams, pad: usize) -> Result<Emitted, Iced
     b.ins(|a| a.dq(&[p.target]))?;
     b.label(&mut initial_lit, 0)?;
     b.ins(|a| a.dq(&[p.initial]))?;
+    // One literal word: the trap switch (1), the quarantine (0), padding.
     b.label(&mut switch_lit, 0)?;
-    b.ins(|a| a.dq(&[1]))?;
+    b.ins(|a| a.db(&[1]))?;
+    b.label(&mut quarantine_lit, 0)?;
+    b.ins(|a| a.db(&[0; 7]))?;
 
     Ok(Emitted {
         trap_end,

@@ -32,10 +32,10 @@ use iced_x86::{
 };
 
 pub mod dispatch;
-pub mod trap;
 #[doc(hidden)]
 pub mod fuzzing;
 mod tables;
+pub mod trap;
 
 pub use dispatch::{
     dispatch_stub, table_contains, table_find, table_index, table_insert, table_remove,

@@ -185,7 +185,10 @@ pub fn trap_handler(at: u64, capacity: u64) -> Result<(Vec<u8>, TrapLayout), Str
     a.mov(eax, SYS_RT_SIGRETURN).map_err(e)?;
     a.syscall().map_err(e)?;
     let r = a
-        .assemble_options(at, iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)
+        .assemble_options(
+            at,
+            iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+        )
         .map_err(e)?;
     layout.restorer = r.label_ip(&restorer).map_err(e)?;
     let code = r.inner.code_buffer;
@@ -217,7 +220,9 @@ mod tests {
     #[test]
     fn table_bytes_lays_out_count_and_entries() {
         let l = TrapLayout::new(0x1000, 2);
-        let b = l.table_bytes(&[(1, 2, KIND_JUMP), (3, 4, KIND_CALL)]).unwrap();
+        let b = l
+            .table_bytes(&[(1, 2, KIND_JUMP), (3, 4, KIND_CALL)])
+            .unwrap();
         let words: Vec<u64> = b
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap()))

@@ -118,6 +118,7 @@ extern "C" fn initial_fn(a: u64, b: u64, c: u64, d: u64, e: u64, f: u64) -> u64 
 struct Harness {
     exec: Exec,
     bits: u32,
+    quarantine: bool,
     slots: Vec<u64>,
 }
 
@@ -128,6 +129,11 @@ impl Harness {
 
     /// A stub with its trap switch on (as built) or off.
     fn with_switch(bits: u32, slots: Vec<u64>, trap: bool) -> Self {
+        Self::with_bytes(bits, slots, trap, false)
+    }
+
+    /// A stub with its trap switch and quarantine as given.
+    fn with_bytes(bits: u32, slots: Vec<u64>, trap: bool, quarantine: bool) -> Self {
         assert_eq!(slots.len(), 1 << bits);
         let mut exec = Exec::new();
         let stub = dispatch_stub(&DispatchParams {
@@ -142,9 +148,22 @@ impl Harness {
         if !trap {
             bytes[(stub.trap_switch - stub.at()) as usize] = 0;
         }
+        assert_eq!(
+            bytes[(stub.quarantine - stub.at()) as usize],
+            0,
+            "built off"
+        );
+        if quarantine {
+            bytes[(stub.quarantine - stub.at()) as usize] = 1;
+        }
         exec.write(0, &bytes);
         exec.seal();
-        Harness { exec, bits, slots }
+        Harness {
+            exec,
+            bits,
+            quarantine,
+            slots,
+        }
     }
 
     fn with_tps(bits: u32, tps: &[u64]) -> Self {
@@ -175,7 +194,7 @@ impl Harness {
 
     /// What the stub should do for `tp`, from the pure helpers.
     fn expected(&self, tp: u64) -> &'static str {
-        if table_contains(&self.slots, self.bits, tp) {
+        if self.quarantine || table_contains(&self.slots, self.bits, tp) {
             "initial"
         } else {
             "target"
@@ -537,6 +556,38 @@ fn trap_switch_off_sends_pending_threads_to_initial_without_the_trap() {
         assert_eq!(
             Harness::with_switch(bits, slots, false).call(ARGS),
             "target"
+        );
+    }
+}
+
+#[test]
+fn quarantine_sends_threads_not_in_the_table_to_initial() {
+    let tp = thread_pointer();
+    for bits in [4, 12] {
+        // Empty home slot (fast path) and a chain without us.
+        let empty = vec![0; 1 << bits];
+        let q = Harness::with_bytes(bits, empty.clone(), false, true);
+        assert_eq!(q.call(ARGS), "initial");
+        assert_eq!(
+            Harness::with_bytes(bits, empty, false, false).call(ARGS),
+            "target"
+        );
+        let home = table_index(tp, bits);
+        let mut slots = vec![0; 1 << bits];
+        slots[home] = colliding(tp, bits, home).next().unwrap();
+        assert_eq!(
+            Harness::with_bytes(bits, slots.clone(), false, true).call(ARGS),
+            "initial"
+        );
+        assert_eq!(
+            Harness::with_bytes(bits, slots.clone(), false, false).call(ARGS),
+            "target"
+        );
+        // A thread in the table is pending either way.
+        assert!(table_insert(&mut slots, bits, tp));
+        assert_eq!(
+            Harness::with_bytes(bits, slots, false, true).call(ARGS),
+            "initial"
         );
     }
 }

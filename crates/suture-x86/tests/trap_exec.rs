@@ -54,7 +54,13 @@ unsafe fn install(entries: &[(u64, u64, u64)]) {
             layout.restorer,
             !0,
         ];
-        let r = libc::syscall(libc::SYS_rt_sigaction, libc::SIGTRAP, act.as_ptr(), 0usize, 8usize);
+        let r = libc::syscall(
+            libc::SYS_rt_sigaction,
+            libc::SIGTRAP,
+            act.as_ptr(),
+            0usize,
+            8usize,
+        );
         assert_eq!(r, 0, "rt_sigaction: {}", std::io::Error::last_os_error());
     }
 }
