@@ -99,6 +99,7 @@ pub fn writes(site: &mut Site, mode: SiteMode) -> Vec<CodeWrite> {
             old: old.to_vec(),
             guard_len: CALL_REL32_LEN as u64,
             redirect: Vec::new(),
+            trap: Some((to, suture_x86::trap::KIND_CALL)),
         });
         c.to = to;
     }

@@ -13,6 +13,7 @@ pub mod callbacks;
 pub mod callers;
 pub mod check;
 pub mod frames;
+pub mod live;
 pub mod lock;
 pub mod memory;
 pub mod objects;

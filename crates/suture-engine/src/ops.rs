@@ -729,6 +729,7 @@ fn apply_prepared(
         }
         Some(table) => {
             s.rec.sites = sites;
+            let live = crate::live::prepare(&s.proc, &mut s.rec)?;
             let after = model.site_modes();
             let proc = &s.proc;
             let jumps = jumps_for(proc, &before, &after);
@@ -756,6 +757,7 @@ fn apply_prepared(
                 &|_| true,
                 now(),
                 &mut save,
+                live.as_ref(),
             ) {
                 s.rec.sites.retain(|a, _| before.contains_key(a));
                 return Err(e);
@@ -1022,6 +1024,14 @@ fn site_writes(
             // The stub is in the site's own slot, always in rel32 reach.
             SiteMode::Dispatch { .. } => jump_to(proc, site, site.slot + SLOT_DISPATCH)?,
         };
+        // A thread meeting the int3 of a live write goes where the new
+        // bytes lead: the jump's destination, or for the original bytes
+        // their relocated copy (the trampoline at the start of the slot).
+        let dest = match mode {
+            SiteMode::Original => site.slot,
+            _ => jump_destination(site.site_addr, &bytes)
+                .ok_or_else(|| Error::CorruptState(format!("no jump built for {a:#x}")))?,
+        };
         if bytes != site.current {
             writes.push(CodeWrite {
                 addr: site.site_addr,
@@ -1029,12 +1039,24 @@ fn site_writes(
                 old: site.current.clone(),
                 guard_len: site.overwritten_len() as u64,
                 redirect: site.resume_map.clone(),
+                trap: Some((dest, suture_x86::trap::KIND_JUMP)),
             });
             site.current = bytes;
         }
         writes.extend(crate::callers::writes(site, mode));
     }
     Ok(writes)
+}
+
+/// Where the `jmp rel32` at the start of `bytes` (placed at `at`) goes.
+fn jump_destination(at: u64, bytes: &[u8]) -> Option<u64> {
+    match bytes {
+        [0xE9, d @ ..] if d.len() >= 4 => {
+            let rel = i32::from_le_bytes(d[..4].try_into().ok()?);
+            Some((at + 5).wrapping_add(rel as i64 as u64))
+        }
+        _ => None,
+    }
 }
 
 /// The site writes of a transition's start, for [`transition::begin`].
@@ -1267,6 +1289,22 @@ pub(crate) fn finish(s: &mut Session, forced: bool) -> Result<Option<Finished>, 
     let mut sites = s.rec.sites.clone();
     let writes = site_writes(&s.proc, &mut sites, &before, &after)?;
     let mut orphans: Vec<(i32, u64)> = Vec::new();
+    let live = crate::live::prepare(&s.proc, &mut s.rec)?;
+    let live_done = match live {
+        Some(l) if crate::live::set_table(&s.proc, &l, &writes)? => {
+            orphans = finish_live(&s.proc, &t, &mirror, forced, &writes)?;
+            if !forced && !orphans.is_empty() {
+                Some(false)
+            } else {
+                if let Err(e) = crate::live::complete(&s.proc, &writes) {
+                    crate::live::undo(&s.proc, &writes);
+                    return Err(e);
+                }
+                Some(true)
+            }
+        }
+        _ => None,
+    };
     let mut make = |stopped: &suture_process::StoppedProcess<'_>| {
         orphans = stopped
             .threads()
@@ -1281,7 +1319,11 @@ pub(crate) fn finish(s: &mut Session, forced: bool) -> Result<Option<Finished>, 
         }
         Ok(Some(writes.clone()))
     };
-    if !write_code_with(&s.proc, &mut make)? {
+    let committed = match live_done {
+        Some(done) => done,
+        None => write_code_with(&s.proc, &mut make)?,
+    };
+    if !committed {
         let tr = s.rec.transition.as_mut().expect("checked");
         for (tid, tp) in orphans {
             s.rec.model.add_pending_thread(tid);
@@ -1308,6 +1350,65 @@ pub(crate) fn finish(s: &mut Session, forced: bool) -> Result<Option<Finished>, 
         restored: gone.into_iter().map(|x| x.name).collect(),
         callbacks,
     }))
+}
+
+/// The completion's `int3`s written while every thread is traced (see
+/// `live.rs`): threads the record does not know are looked at first, and
+/// one whose thread pointer the table still holds (a new thread reusing a
+/// pending thread's) is an orphan: unless `forced`, nothing is written and
+/// the orphans are returned. A thread born meanwhile whose pointer the
+/// table holds is switched before its first instruction.
+fn finish_live(
+    proc: &Process,
+    t: &crate::record::TransitionRecord,
+    mirror: &Mirror,
+    forced: bool,
+    writes: &[CodeWrite],
+) -> Result<Vec<(i32, u64)>, Error> {
+    let switch = |tp: u64| -> Result<(), Error> {
+        if let Some(i) = mirror.index_of(tp) {
+            let low = (mirror.slots[i] as u8) | suture_x86::dispatch::TOMBSTONE_BIT as u8;
+            proc.write_mem(t.table.addr + 8 * i as u64, &[low])?;
+        }
+        Ok(())
+    };
+    let r = crate::live::Window::run(proc, |tracer| {
+        let mut born =
+            |_: &mut suture_process::Tracer<'_>, _: i32, regs: &libc::user_regs_struct| {
+                switch(regs.fs_base)
+            };
+        let mut orphans = Vec::new();
+        for tid in tracer.traced() {
+            if t.tps.contains_key(&tid) {
+                continue;
+            }
+            let regs = match tracer.stop(tid, Duration::from_millis(500)) {
+                Ok(r) => r,
+                Err(suture_process::Error::ThreadExited { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            if mirror.contains(regs.fs_base) {
+                orphans.push((tid, regs.fs_base));
+            }
+            match tracer.resume(tid, suture_process::Resume::Run) {
+                Ok(()) | Err(suture_process::Error::ThreadExited { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+            crate::live::drain(tracer, &mut born)?;
+        }
+        crate::live::drain(tracer, &mut born)?;
+        if !forced && !orphans.is_empty() {
+            return Ok(orphans);
+        }
+        crate::live::place_int3(proc, writes)?;
+        // From here every call of a changing site goes to its final code.
+        crate::live::drain(tracer, &mut |_, _, _| Ok(()))?;
+        Ok(orphans)
+    });
+    if r.is_err() {
+        crate::live::withdraw_int3(proc, writes);
+    }
+    r
 }
 
 /// Record the sites and model of a completed transition. Sites whose stack
@@ -1411,6 +1512,11 @@ fn disable_inner(pid: i32, name: &str) -> Result<DisableReport, Error> {
     };
     let after = model.site_modes();
     let fresh_table = (kind == DisableKind::Started).then(|| table.0.clone());
+    // A reversal rewrites stubs threads are running: the whole-process stop.
+    let live = match kind {
+        DisableKind::Started => crate::live::prepare(&s.proc, &mut s.rec)?,
+        DisableKind::Reversed => None,
+    };
     {
         let proc = &s.proc;
         let jumps = jumps_for(proc, &before, &after);
@@ -1423,6 +1529,7 @@ fn disable_inner(pid: i32, name: &str) -> Result<DisableReport, Error> {
             &*pending,
             started,
             &mut |_, _| Ok(()),
+            live.as_ref(),
         ) {
             if let Some(r) = fresh_table {
                 if let Ok(mut h) = s.proc.hijack(HIJACK_TIMEOUT) {

@@ -202,6 +202,24 @@ pub struct Record {
     /// suture's runtime, while a listed patch uses it.
     #[serde(default)]
     pub runtime: Option<crate::runtime::Loaded>,
+    /// The `SIGTRAP` handler of live code writes (see `live.rs`), once
+    /// mapped; it stays for the life of the process.
+    #[serde(default)]
+    pub trap: Option<TrapRecord>,
+}
+
+/// The mapping that holds the handler of live code writes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrapRecord {
+    /// The whole mapping: a read-write scratch page, then the handler and
+    /// its table (read-execute).
+    pub region: Region,
+    /// The handler's address (`suture_x86::trap::trap_handler` built there).
+    pub handler: u64,
+    /// Entries its table holds.
+    pub capacity: u64,
+    /// The process registered for `membarrier` core serialization.
+    pub sync_core: bool,
 }
 
 impl Record {

@@ -167,6 +167,12 @@ pub type SiteWrites<'a> =
 /// caller stores them in the target first, so that a suture killed during
 /// or after the writes leaves a record that knows them (the next command
 /// then finishes or reverses the transition).
+///
+/// With `live` (see `live.rs`; only for a start, where every thread is
+/// pending) no thread is stopped for the write: the
+/// jumps are written `int3` first while every thread runs, each thread is
+/// looked at once on its own to fill the table, and the stubs' quarantine
+/// keeps threads not in the table yet on their old code meanwhile.
 #[allow(clippy::too_many_arguments)]
 pub fn begin(
     proc: &Process,
@@ -177,6 +183,7 @@ pub fn begin(
     pending: &dyn Fn(u64) -> bool,
     started: u64,
     save: &mut dyn FnMut(&Record, &Model) -> Result<(), Error>,
+    live: Option<&suture_x86::trap::TrapLayout>,
 ) -> Result<(), Error> {
     let target = model
         .transition()
@@ -185,6 +192,7 @@ pub fn begin(
     let (region, bits) = table;
     let mut stubs = BTreeMap::new();
     let mut stub_writes = Vec::new();
+    let mut quarantines = Vec::new();
     for (addr, mode) in model.site_modes() {
         let Some(site) = rec.sites.get(&addr) else {
             return Err(Error::CorruptState(format!(
@@ -204,16 +212,44 @@ pub fn begin(
         // worker traces the pending threads (`Driver::enable_traps`).
         let mut bytes = stub.bytes;
         bytes[(stub.trap_switch - s.addr) as usize] = 0;
+        quarantines.push(stub.quarantine);
         stub_writes.push(CodeWrite {
             addr: s.addr,
             old: proc.read_mem(s.addr, bytes.len())?,
             bytes,
             guard_len: DISPATCH_MAX_LEN as u64,
             redirect: Vec::new(),
+            trap: None,
         });
         stubs.insert(addr, s);
     }
     let (jumps, sites) = site_writes(&rec.sites)?;
+    if let Some(l) = live {
+        if crate::live::set_table(proc, l, &jumps)? {
+            let live_begin = LiveBegin {
+                region: &region,
+                bits,
+                stub_writes: &stub_writes,
+                quarantines: &quarantines,
+                jumps: &jumps,
+            };
+            let seen = live_begin.run(proc)?;
+            let (r, m) = after_begin(rec, model, &seen, &sites, &region, bits, &stubs, started);
+            if let Err(e) = save(&r, &m) {
+                crate::live::undo(proc, &jumps);
+                return Err(e);
+            }
+            if let Err(e) = crate::live::complete(proc, &jumps) {
+                // Back to the code as it was, which the caller's error
+                // path records again.
+                crate::live::undo(proc, &jumps);
+                return Err(e);
+            }
+            *rec = r;
+            *model = m;
+            return Ok(());
+        }
+    }
     let old_table = proc.read_mem(region.addr, 8 << bits)?;
     let seen_cell: std::cell::RefCell<Vec<Seen>> = Default::default();
     let mut make = |stopped: &suture_process::StoppedProcess<'_>| {
@@ -244,26 +280,14 @@ pub fn begin(
             old: old_table.clone(),
             guard_len: 0,
             redirect: Vec::new(),
+            trap: None,
         }];
         writes.extend(stub_writes.iter().cloned());
         writes.extend(jumps.iter().cloned());
         Ok(Some(writes))
     };
     let after = |rec: &Record, model: &Model, seen: &[Seen]| {
-        let mut m = model.clone();
-        sync_model(&mut m, seen);
-        let mut r = rec.clone();
-        r.sites = sites.clone();
-        r.transition = Some(TransitionRecord {
-            table: region.clone(),
-            bits,
-            tps: seen.iter().map(|s| (s.tid, s.tp)).collect(),
-            stubs: stubs.clone(),
-            worker: None,
-            blockers: BTreeMap::new(),
-            started,
-        });
-        (r, m)
+        after_begin(rec, model, seen, &sites, &region, bits, &stubs, started)
     };
     {
         let (rec_now, model_now) = (&*rec, &*model);
@@ -277,6 +301,124 @@ pub fn begin(
     *rec = r;
     *model = m;
     Ok(())
+}
+
+/// The record and model once a transition's start is written: the model
+/// agrees with what the table says of each thread `seen`.
+#[allow(clippy::too_many_arguments)]
+fn after_begin(
+    rec: &Record,
+    model: &Model,
+    seen: &[Seen],
+    sites: &BTreeMap<u64, Site>,
+    region: &Region,
+    bits: u32,
+    stubs: &BTreeMap<u64, StubRecord>,
+    started: u64,
+) -> (Record, Model) {
+    let mut m = model.clone();
+    sync_model(&mut m, seen);
+    let mut r = rec.clone();
+    r.sites = sites.clone();
+    r.transition = Some(TransitionRecord {
+        table: region.clone(),
+        bits,
+        tps: seen.iter().map(|s| (s.tid, s.tp)).collect(),
+        stubs: stubs.clone(),
+        worker: None,
+        blockers: BTreeMap::new(),
+        started,
+    });
+    (r, m)
+}
+
+/// A transition's start written while the process runs (`live.rs`).
+struct LiveBegin<'a> {
+    region: &'a Region,
+    bits: u32,
+    stub_writes: &'a [CodeWrite],
+    quarantines: &'a [u64],
+    jumps: &'a [CodeWrite],
+}
+
+impl LiveBegin<'_> {
+    /// Writes the stubs (quarantine on), then in a window tracing every
+    /// thread: the `int3`s, one look at each thread (its thread pointer
+    /// into the table; a thread between instructions about to change moves
+    /// to their relocated copy), the table, the quarantine off. Returns the
+    /// threads seen. On error the code is as before.
+    fn run(&self, proc: &Process) -> Result<Vec<Seen>, Error> {
+        for w in self.stub_writes {
+            proc.write_mem(w.addr, &w.bytes)?;
+        }
+        for &q in self.quarantines {
+            proc.write_mem(q, &[1])?;
+        }
+        let r = crate::live::Window::run(proc, |tracer| self.in_window(proc, tracer));
+        if r.is_err() {
+            crate::live::withdraw_int3(proc, self.jumps);
+        }
+        r
+    }
+
+    fn in_window(&self, proc: &Process, tracer: &mut Tracer<'_>) -> Result<Vec<Seen>, Error> {
+        crate::live::place_int3(proc, self.jumps)?;
+        let state = std::cell::RefCell::new((Mirror::empty(self.bits), Vec::<Seen>::new()));
+        let add = |tid: i32, regs: &libc::user_regs_struct| -> Result<(), Error> {
+            check_thread_pointer(proc, tid, regs.fs_base)?;
+            // A start (never a reversal): every thread is pending.
+            let p = true;
+            let (mirror, seen) = &mut *state.borrow_mut();
+            if p && !table_insert(&mut mirror.slots, self.bits, regs.fs_base) {
+                return Err(Error::Other(format!(
+                    "the process has more threads than suture's table holds ({})",
+                    1u64 << (self.bits - 1)
+                )));
+            }
+            seen.push(Seen {
+                tid,
+                tp: regs.fs_base,
+                pending: p,
+            });
+            Ok(())
+        };
+        let mut born = |_: &mut Tracer<'_>, tid: i32, regs: &libc::user_regs_struct| add(tid, regs);
+        let mut look = |tr: &mut Tracer<'_>, tid: i32, regs: &libc::user_regs_struct| {
+            add(tid, regs)?;
+            let Some(w) = self.jumps.iter().find(|w| w.tears(regs.rip)) else {
+                return Ok(());
+            };
+            // Just past one of our int3s with its SIGTRAP not delivered
+            // yet: the handler sends it on (it never ran the instruction).
+            if regs.rip == w.addr + 1 && proc.thread_has_pending(tid, libc::SIGTRAP) {
+                return Ok(());
+            }
+            match w.redirect.iter().find(|(from, _)| *from == regs.rip) {
+                Some((_, to)) => Ok(tr.set_pc(tid, *to)?),
+                None => Err(Error::SiteBusy(format!(
+                    "thread {tid} is inside the bytes to be overwritten at {:#x} (pc {:#x}); try again",
+                    w.addr, regs.rip
+                ))),
+            }
+        };
+        crate::live::look_at_each(tracer, &mut look, &mut born)?;
+        // The table, with the threads born meanwhile (until none is).
+        loop {
+            let n = state.borrow().1.len();
+            proc.write_mem(self.region.addr, &state.borrow().0.bytes())?;
+            crate::live::drain(tracer, &mut born)?;
+            if state.borrow().1.len() == n {
+                break;
+            }
+        }
+        // Every thread that existed is in the table: a thread not in it
+        // from now on is new, and starts in the target state.
+        for &q in self.quarantines {
+            proc.write_mem(q, &[0])?;
+        }
+        crate::live::drain(tracer, &mut |_, _, _| Ok(()))?;
+        Ok(state.into_inner().1)
+    }
 }
 
 /// The dispatch stub reads `fs:0`, which the x86_64 TLS ABI (glibc, musl)

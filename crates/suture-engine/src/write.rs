@@ -25,10 +25,14 @@ pub struct CodeWrite {
     /// Where a thread stopped at one of these pcs inside the bytes can be
     /// moved instead (the same instruction in the site's relocated copy).
     pub redirect: Vec<(u64, u64)>,
+    /// For code a thread may be executing: where a thread that meets the
+    /// `int3` of a live write goes, and how (`suture_x86::trap::KIND_*`);
+    /// see `live.rs`. `None` for memory no thread can reach yet.
+    pub trap: Option<(u64, u64)>,
 }
 
 impl CodeWrite {
-    fn tears(&self, pc: u64) -> bool {
+    pub(crate) fn tears(&self, pc: u64) -> bool {
         pc > self.addr && pc < self.addr + self.guard_len
     }
 }

@@ -47,6 +47,21 @@ fn debug(what: std::fmt::Arguments<'_>) {
     }
 }
 
+/// Adds a tally taken on another thread (e.g. one that traced threads
+/// for a while) to this thread's.
+pub fn add_hold_stats(o: HoldStats) {
+    STATS.with(|s| {
+        let mut v = s.get();
+        v.whole_stops += o.whole_stops;
+        v.whole_threads = v.whole_threads.max(o.whole_threads);
+        v.whole_held = v.whole_held.max(o.whole_held);
+        v.whole_all = v.whole_all.max(o.whole_all);
+        v.thread_stops += o.thread_stops;
+        v.thread_held = v.thread_held.max(o.thread_held);
+        s.set(v);
+    });
+}
+
 pub(crate) fn record_whole(threads: usize, held: Duration, all: Duration) {
     debug(format_args!(
         "whole process, {threads} threads: longest wait {held:?}, all stopped {all:?}"

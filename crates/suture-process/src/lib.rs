@@ -44,7 +44,7 @@ pub use gap::{
     USER_SPACE_END,
 };
 pub use hijack::{Hijack, DEFAULT_SYSCALL_TIMEOUT};
-pub use hold::{take_hold_stats, HoldStats};
+pub use hold::{add_hold_stats, take_hold_stats, HoldStats};
 pub use nix::errno::Errno;
 pub use stop::StoppedProcess;
 pub use tracer::{Resume, TraceEvent, Tracer};
@@ -348,6 +348,52 @@ impl Process {
                 e,
             )),
         }
+    }
+
+    /// How the process handles signal `sig`: `(caught, ignored)`, from the
+    /// `SigCgt` and `SigIgn` masks of `/proc/PID/status` (neither: the
+    /// default action).
+    pub fn signal_disposition(&self, sig: i32) -> Result<(bool, bool)> {
+        let status = std::fs::read_to_string(proc_path(self.pid, "status")).map_err(|e| {
+            if procfs::is_gone(&e) {
+                Error::Exited { pid: self.pid }
+            } else {
+                Error::io(format!("reading the status of process {}", self.pid), e)
+            }
+        })?;
+        let bit = |key: &str| {
+            procfs::status_field(&status, key)
+                .and_then(|v| u64::from_str_radix(v, 16).ok())
+                .is_some_and(|m| m & (1 << (sig - 1)) != 0)
+        };
+        Ok((bit("SigCgt"), bit("SigIgn")))
+    }
+
+    /// The threads that block signal `sig` now (`SigBlk` of each thread's
+    /// status); threads that vanish meanwhile are left out.
+    pub fn threads_blocking(&self, sig: i32) -> Result<Vec<Tid>> {
+        let mut out = Vec::new();
+        for tid in self.threads()? {
+            if self.thread_signal_bit(tid, "SigBlk", sig) {
+                out.push(tid);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether signal `sig` is pending for thread `tid` itself (`SigPnd`),
+    /// e.g. the `SIGTRAP` of an `int3` it just executed, not delivered yet.
+    pub fn thread_has_pending(&self, tid: Tid, sig: i32) -> bool {
+        self.thread_signal_bit(tid, "SigPnd", sig)
+    }
+
+    fn thread_signal_bit(&self, tid: Tid, key: &str, sig: i32) -> bool {
+        std::fs::read_to_string(proc_path(self.pid, &format!("task/{tid}/status")))
+            .ok()
+            .and_then(|status| {
+                procfs::status_field(&status, key).and_then(|v| u64::from_str_radix(v, 16).ok())
+            })
+            .is_some_and(|m| m & (1 << (sig - 1)) != 0)
     }
 
     /// The thread's name (`comm`), if the thread exists.

@@ -70,6 +70,23 @@ pub(crate) fn decode_status(status: i32) -> Report {
     }
 }
 
+/// Whether some child or tracee of this thread has a stop or an end to
+/// report (looked at without collecting it).
+pub(crate) fn any_report() -> bool {
+    // SAFETY: waitid writes only into the siginfo we pass; WNOWAIT leaves
+    // the report to be collected.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        let r = libc::waitid(
+            libc::P_ALL,
+            0,
+            &mut info,
+            libc::WNOHANG | libc::WNOWAIT | libc::WSTOPPED | libc::WEXITED | libc::__WALL,
+        );
+        r == 0 && info.si_pid() != 0
+    }
+}
+
 /// One non-blocking `waitpid(tid, __WALL | WNOHANG)`. `None`: nothing to report yet.
 pub(crate) fn wait_nohang(tid: Tid) -> Option<Report> {
     loop {

@@ -334,6 +334,26 @@ impl Tracer<'_> {
         }
     }
 
+    /// Moves a held thread to `pc` (its other registers unchanged): out of
+    /// bytes about to be overwritten, into an equivalent copy of them.
+    pub fn set_pc(&mut self, tid: Tid, pc: u64) -> Result<()> {
+        match self.threads.get(&tid) {
+            Some(t) if matches!(t.state, State::Held { .. }) => {}
+            _ => {
+                return Err(Error::InvalidArgument {
+                    what: format!("thread {tid} is not held"),
+                })
+            }
+        }
+        let mut regs = self.held_regs(tid)?;
+        regs.rip = pc;
+        match sys::setregs(tid, &regs) {
+            Ok(()) => Ok(()),
+            Err(Errno::ESRCH) => Err(self.lost(tid)),
+            Err(errno) => Err(Error::ptrace("SETREGS", tid, errno)),
+        }
+    }
+
     /// Lets a thread held by [`Tracer::stop`] or at a reported
     /// [`TraceEvent::SyscallEntry`] run again in mode `how`. A thread in a
     /// group-stop stays stopped with its process (`PTRACE_LISTEN`) and runs
@@ -438,6 +458,15 @@ impl Tracer<'_> {
     /// polling loop does not spin).
     pub fn next_event(&mut self, timeout: Duration) -> Result<Option<TraceEvent>> {
         sys::release_abandoned(Duration::ZERO);
+        // A look without waiting, with nothing to report: no scan of every
+        // tracee (a caller may look after each of hundreds of threads).
+        if timeout.is_zero()
+            && self.exited.is_empty()
+            && self.last_check.elapsed() < CHECK_INTERVAL
+            && !sys::any_report()
+        {
+            return Ok(None);
+        }
         let deadline = Instant::now() + timeout;
         let mut backoff = Backoff::new();
         loop {

@@ -1,0 +1,401 @@
+//! Code writes while the process runs (kernel: `text_poke_bp`).
+//!
+//! Instead of stopping every thread to change a jump, suture writes an
+//! `int3` on the first byte of each changing instruction, then the other
+//! bytes, then the first byte, with the cores serialized between the steps
+//! (`membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE)`, made by a
+//! borrowed thread). A thread that reaches an `int3` meanwhile takes a
+//! `SIGTRAP`, and the handler suture installed in the target
+//! (`suture_x86::trap`) sends it where the finished instruction would:
+//! no thread is ever stopped for the write itself, and if suture dies in
+//! the middle the handler keeps the target running until the next command
+//! finishes the write ([`repair`]).
+//!
+//! What must hold while the first bytes are `int3` and the rest changes:
+//! no thread may be between two of the instructions being replaced
+//! ([`Window`] checks each thread once, after the `int3` is in place, and
+//! moves one found there to the same instruction of the relocated copy);
+//! and for a transition's start, every thread that existed before must be
+//! in the pending table before any thread can take the new path (done in
+//! the same [`Window`], which traces every thread with
+//! `PTRACE_O_TRACECLONE`, so a thread created meanwhile is seen before its
+//! first instruction).
+//!
+//! Not used (the whole-process stop of `write.rs` is) when the target
+//! handles or ignores `SIGTRAP` itself, when a thread blocks it (the
+//! kernel would then kill the process on the `int3`), or without
+//! `membarrier` core serialization.
+
+use crate::memory::{self, PAGE, PROT_RW, PROT_RX};
+use crate::record::{Record, Region, TrapRecord};
+use crate::write::CodeWrite;
+use crate::Error;
+use std::time::{Duration, Instant};
+use suture_process::{Process, Tid, TraceEvent, Tracer};
+use suture_x86::trap::{trap_handler, TrapLayout};
+
+const SIGTRAP: i32 = 5;
+const TRAP_NAME: &str = "suture-trap";
+/// Entries of the handler's table (one per changing instruction).
+const CAPACITY: u64 = 16 * 1024;
+const MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE: u64 = 1 << 5;
+const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE: u64 = 1 << 6;
+const SA_SIGINFO: u64 = 4;
+const SA_RESTORER: u64 = 0x0400_0000;
+const SA_ONSTACK: u64 = 0x0800_0000;
+const HIJACK_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long one thread may take to stop for its look in a [`Window`].
+const THREAD_STOP: Duration = Duration::from_millis(500);
+
+/// `SUTURE_NO_LIVE_WRITE=1`: always stop the whole process to write code
+/// (the fallback path, for tests and comparisons).
+fn disabled() -> bool {
+    std::env::var_os("SUTURE_NO_LIVE_WRITE").is_some_and(|v| v == "1")
+}
+
+/// The handler's layout in a recorded mapping.
+fn layout(t: &TrapRecord) -> TrapLayout {
+    let (_, l) = trap_handler(t.handler, t.capacity).expect("built before");
+    l
+}
+
+/// Makes the target ready for live writes (maps the handler, installs it
+/// for `SIGTRAP`, registers for `membarrier`), or says why not (`None`:
+/// use the whole-process stop). `rec.trap` is updated; the caller saves
+/// the record.
+pub fn prepare(proc: &Process, rec: &mut Record) -> Result<Option<TrapLayout>, Error> {
+    if disabled() {
+        return Ok(None);
+    }
+    let (caught, ignored) = proc.signal_disposition(SIGTRAP)?;
+    if ignored || (caught && rec.trap.is_none()) {
+        return Ok(None);
+    }
+    if !proc.threads_blocking(SIGTRAP)?.is_empty() {
+        return Ok(None);
+    }
+    let ready = rec.trap.as_ref().is_some_and(|t| t.sync_core);
+    if caught && ready {
+        return Ok(rec.trap.as_ref().map(layout));
+    }
+    let mut h = proc.hijack(HIJACK_TIMEOUT)?;
+    let result = (|| -> Result<Option<TrapLayout>, Error> {
+        let t = match rec.trap.clone() {
+            Some(t) => t,
+            None => {
+                let (_, l) = trap_handler(0, CAPACITY).map_err(Error::Other)?;
+                let len = PAGE + memory::page_up(l.len());
+                let addr = memory::create_mapping(
+                    &mut h,
+                    TRAP_NAME,
+                    len,
+                    None,
+                    PROT_RX,
+                    false,
+                    &[(0, PAGE, PROT_RW)],
+                )?;
+                let handler = addr + PAGE;
+                let (code, _) = trap_handler(handler, CAPACITY).map_err(Error::Other)?;
+                proc.write_mem(handler, &code)?;
+                let t = TrapRecord {
+                    region: Region { addr, len },
+                    handler,
+                    capacity: CAPACITY,
+                    sync_core: false,
+                };
+                rec.trap = Some(t.clone());
+                t
+            }
+        };
+        let l = layout(&t);
+        if !caught {
+            // struct kernel_sigaction { handler, flags, restorer, mask },
+            // the old one read back just after it.
+            let scratch = t.region.addr;
+            let act = [
+                l.handler,
+                SA_SIGINFO | SA_RESTORER | SA_ONSTACK,
+                l.restorer,
+                !0u64,
+            ];
+            let bytes: Vec<u8> = act.iter().flat_map(|w| w.to_le_bytes()).collect();
+            proc.write_mem(scratch, &bytes)?;
+            proc.write_mem(scratch + 64, &[0; 32])?;
+            h.syscall(
+                libc::SYS_rt_sigaction,
+                [SIGTRAP as u64, scratch, scratch + 64, 8, 0, 0],
+            )?;
+            let old = proc.read_mem(scratch + 64, 8)?;
+            if old != [0; 8] {
+                // Someone installed a handler meanwhile: theirs goes back.
+                h.syscall(
+                    libc::SYS_rt_sigaction,
+                    [SIGTRAP as u64, scratch + 64, 0, 8, 0, 0],
+                )?;
+                return Ok(None);
+            }
+        }
+        if !t.sync_core {
+            let r = h.syscall(
+                libc::SYS_membarrier,
+                [
+                    MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                ],
+            );
+            if r.is_err() {
+                return Ok(None);
+            }
+            if let Some(t) = rec.trap.as_mut() {
+                t.sync_core = true;
+            }
+        }
+        Ok(Some(l))
+    })();
+    let released = h.release();
+    let l = result?;
+    released?;
+    Ok(l)
+}
+
+/// Serializes every core running a thread of the target (on a borrowed
+/// thread).
+fn sync(proc: &Process) -> Result<(), Error> {
+    let mut h = proc.hijack(HIJACK_TIMEOUT)?;
+    let r = h.syscall(
+        libc::SYS_membarrier,
+        [MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0, 0, 0, 0],
+    );
+    let released = h.release();
+    r?;
+    released?;
+    Ok(())
+}
+
+/// Writes the handler's table for `writes` (before any of their `int3`).
+/// `false` if one of them has no destination or they do not fit.
+pub fn set_table(proc: &Process, l: &TrapLayout, writes: &[CodeWrite]) -> Result<bool, Error> {
+    let entries: Option<Vec<(u64, u64, u64)>> = writes
+        .iter()
+        .map(|w| w.trap.map(|(dest, kind)| (w.addr, dest, kind)))
+        .collect();
+    let Some(bytes) = entries.and_then(|e| l.table_bytes(&e)) else {
+        return Ok(false);
+    };
+    proc.write_mem(l.count, &bytes)?;
+    Ok(true)
+}
+
+/// The first step: an `int3` on each write's first byte.
+pub fn place_int3(proc: &Process, writes: &[CodeWrite]) -> Result<(), Error> {
+    for w in writes {
+        proc.write_mem(w.addr, &[0xCC])?;
+    }
+    Ok(())
+}
+
+/// Puts back each write's old first byte (nothing else was written yet):
+/// the code is as before.
+pub fn withdraw_int3(proc: &Process, writes: &[CodeWrite]) {
+    for w in writes {
+        let _ = proc.write_mem(w.addr, &w.old[..1]);
+    }
+}
+
+/// Puts back the old bytes of writes that may be partly done (each
+/// `int3` still in place): the other bytes, then the first ones, as
+/// [`complete`] would, best effort (this runs on an error path).
+pub fn undo(proc: &Process, writes: &[CodeWrite]) {
+    let back: Vec<CodeWrite> = writes
+        .iter()
+        .map(|w| CodeWrite {
+            bytes: w.old.clone(),
+            old: w.bytes.clone(),
+            ..w.clone()
+        })
+        .collect();
+    for w in &back {
+        let _ = proc.write_mem(w.addr, &[0xCC]);
+        let _ = proc.write_mem(w.addr + 1, &w.bytes[1..]);
+    }
+    let _ = sync(proc);
+    for w in &back {
+        let _ = proc.write_mem(w.addr, &w.bytes[..1]);
+    }
+    let _ = sync(proc);
+}
+
+/// The last steps, once every `int3` is in place and no thread is inside
+/// the changing bytes: the other bytes, then the first ones, each step
+/// followed by a serialization of the cores.
+pub fn complete(proc: &Process, writes: &[CodeWrite]) -> Result<(), Error> {
+    if writes.is_empty() {
+        return Ok(());
+    }
+    for w in writes {
+        proc.write_mem(w.addr + 1, &w.bytes[1..])?;
+    }
+    sync(proc)?;
+    for w in writes {
+        proc.write_mem(w.addr, &w.bytes[..1])?;
+    }
+    sync(proc)
+}
+
+/// Finishes a live write a killed `suture` left: every recorded site or
+/// direct call whose first byte is still an `int3` gets the bytes the
+/// record gives it (the record is written before the `int3`s of a write
+/// whose result it describes, and after those of one it does not: either
+/// way it holds a state the handler's table leads to).
+pub fn repair(proc: &Process, rec: &Record) -> Result<usize, Error> {
+    if rec.trap.is_none() {
+        return Ok(0);
+    }
+    let mut writes = Vec::new();
+    for site in rec.sites.values() {
+        let mut push = |addr: u64, bytes: Vec<u8>| -> Result<(), Error> {
+            if proc.read_mem(addr, 1)? == [0xCC] && bytes.first() != Some(&0xCC) {
+                writes.push(CodeWrite {
+                    addr,
+                    old: bytes.clone(),
+                    bytes,
+                    guard_len: 0,
+                    redirect: Vec::new(),
+                    trap: None,
+                });
+            }
+            Ok(())
+        };
+        push(site.site_addr, site.current.clone())?;
+        for c in &site.callers {
+            if let Some(b) = suture_x86::call_rel32(c.addr, c.to) {
+                push(c.addr, b.to_vec())?;
+            }
+        }
+    }
+    let n = writes.len();
+    complete(proc, &writes)?;
+    Ok(n)
+}
+
+/// Every thread of the process traced (without being stopped) by a
+/// thread of ours that exists only for this: `PTRACE_O_TRACECLONE` shows
+/// each thread created meanwhile before its first instruction. When the
+/// window closes, that thread exits and the kernel lets every tracee go at
+/// once, without stopping any.
+pub struct Window;
+
+impl Window {
+    /// Runs `f` with every thread of `proc` traced by a new thread of
+    /// ours; threads created meanwhile are traced from birth (reported by
+    /// [`Tracer::next_event`] as [`TraceEvent::Born`]).
+    pub fn run<T: Send>(
+        proc: &Process,
+        f: impl FnOnce(&mut Tracer<'_>) -> Result<T, Error> + Send,
+    ) -> Result<T, Error> {
+        let (result, stats, tid) = std::thread::scope(|sc| {
+            sc.spawn(|| {
+                let me = nix::unistd::gettid().as_raw();
+                let mut tracer = proc.tracer();
+                tracer.watch_births();
+                let r = attach_all(proc, &mut tracer).and_then(|()| f(&mut tracer));
+                // The kernel detaches every tracee when this thread exits,
+                // without stopping them (a detach by hand would stop each).
+                std::mem::forget(tracer);
+                (r, suture_process::take_hold_stats(), me)
+            })
+            .join()
+            .expect("the tracing thread does not panic")
+        });
+        suture_process::add_hold_stats(stats);
+        // The thread's exit lets its tracees go; wait until it is gone for
+        // good (a join returns a little earlier).
+        let gone = Instant::now() + Duration::from_secs(2);
+        let path = format!("/proc/self/task/{tid}");
+        while std::path::Path::new(&path).exists() && Instant::now() < gone {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        result
+    }
+}
+
+/// Traces every thread of the process (again until a listing finds none
+/// new: a thread created while the others were being attached).
+fn attach_all(proc: &Process, tracer: &mut Tracer<'_>) -> Result<(), Error> {
+    loop {
+        let traced: std::collections::BTreeSet<Tid> = tracer.traced().into_iter().collect();
+        let fresh: Vec<Tid> = proc
+            .threads()?
+            .into_iter()
+            .filter(|t| !traced.contains(t))
+            .collect();
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        for tid in fresh {
+            match tracer.attach(tid) {
+                Ok(()) | Err(suture_process::Error::ThreadExited { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+/// In a [`Window`]: each traced thread stopped once, on its own (the next
+/// one asked ahead), given to `look` with its registers, then resumed;
+/// threads born meanwhile are given to `born` (held until it returns).
+/// Threads that exit meanwhile are skipped.
+pub fn look_at_each(
+    tracer: &mut Tracer<'_>,
+    look: &mut dyn FnMut(&mut Tracer<'_>, Tid, &libc::user_regs_struct) -> Result<(), Error>,
+    born: &mut dyn FnMut(&mut Tracer<'_>, Tid, &libc::user_regs_struct) -> Result<(), Error>,
+) -> Result<(), Error> {
+    let threads = tracer.traced();
+    for (i, &tid) in threads.iter().enumerate() {
+        if let Some(&next) = threads.get(i + 1) {
+            let _ = tracer.request_stop(next);
+        }
+        let regs = match tracer.stop(tid, THREAD_STOP) {
+            Ok(r) => r,
+            Err(suture_process::Error::ThreadExited { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let r = look(tracer, tid, &regs);
+        match tracer.resume(tid, suture_process::Resume::Run) {
+            Ok(()) | Err(suture_process::Error::ThreadExited { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        r?;
+        drain(tracer, born)?;
+    }
+    drain(tracer, born)
+}
+
+/// Handles the events waiting now: births are given to `born` then
+/// resumed; everything else was handled by the tracer.
+pub fn drain(
+    tracer: &mut Tracer<'_>,
+    born: &mut dyn FnMut(&mut Tracer<'_>, Tid, &libc::user_regs_struct) -> Result<(), Error>,
+) -> Result<(), Error> {
+    while let Some(ev) = tracer.next_event(Duration::ZERO)? {
+        match ev {
+            TraceEvent::Born { tid, regs } => {
+                let r = born(tracer, tid, &regs);
+                match tracer.resume(tid, suture_process::Resume::Run) {
+                    Ok(()) | Err(suture_process::Error::ThreadExited { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                r?;
+            }
+            TraceEvent::SyscallEntry { tid, .. } => {
+                tracer.resume(tid, suture_process::Resume::Run)?;
+            }
+            TraceEvent::Exited(_) => {}
+        }
+    }
+    Ok(())
+}
