@@ -404,6 +404,10 @@ impl Results {
                 over(rs, |r| r.held_whole_us).0
             ));
         }
+        let never = self.res[0]
+            .iter()
+            .flatten()
+            .all(|r| r.held_all_us == 0.0 && r.held_whole_us == 0.0);
         v.push((
             "the whole process never stopped at once for more than the code write (goal: not at all)".into(),
             format!(
@@ -411,7 +415,7 @@ impl Results {
                 own.join(", "),
                 parts.join(", ")
             ),
-            None,
+            never.then_some(true),
         ));
         v
     }
@@ -485,12 +489,31 @@ impl Results {
             let _ = writeln!(m, "| {t} | {f} | {met} |");
         }
         let _ = writeln!(m);
-        let _ = writeln!(
-            m,
-            "Why the 200 µs target is missed, and what would close it. suture stops the whole process twice per transition (its start and its end), to write the jumps and fill the pending table: the \"suture:\" columns show that every thread is stopped at once only for the write itself (tens of µs at 1-8 threads, about 2 ms at 512), but a thread waits in such a stop from its interrupt until the last thread has stopped and been released, which on 2 cores means until hundreds of other threads have been scheduled. \
-             The rest of each thread's gap is its own check (one stop, µs of work) plus the scheduling delay of being stopped and woken on a loaded 2-core machine, which the same-run baseline shows is already milliseconds. \
-             Closing it needs no whole-process stop at all: write each jump as the kernel's `text_poke_bp` does (an `int3` byte first, the other four bytes, then the first byte, each step followed by a check of every thread on its own), with a handler for the `int3` that sends a thread to the destination, so that each thread is only ever stopped for its own check.\n"
-        );
+        let n = *self.threads.iter().max().unwrap_or(&0);
+        if let Some(i) = self.idx(n) {
+            let rs = &self.res[0][i];
+            if !rs.is_empty() && over(rs, |r| r.patch.max_us).0 > TARGET_PAUSE_US {
+                let _ = writeln!(
+                    m,
+                    "Why the 200 µs target is missed at {n} threads. suture no longer stops the whole process \
+                     (the \"all stopped at once\" and \"whole stop\" columns are 0 where its live writes are used): \
+                     a transition's start and completion write their jumps `int3` first while every thread runs, \
+                     with suture's `SIGTRAP` handler in the target sending on a thread that meets one (`live.rs` in \
+                     ARCHITECTURE.md). Each thread is stopped only on its own: once to enter the pending table, \
+                     once for its stack check, and one sleeping thread now and then is borrowed for system calls \
+                     (mapping the patch, the `membarrier` of a write). The longest of those stops, as suture times it \
+                     from the interrupt to the release, is {} µs here (\"suture: longest single-thread stop\"; the \
+                     borrowed thread's stops are the long ones: each injected system call costs several ptrace round \
+                     trips). On top of that a thread released on 2 loaded cores waits to be scheduled again: the \
+                     same-run baseline, with nothing happening, already has gaps of {} µs. What would close the rest: \
+                     fewer injected system calls per command (one mapping for the image, its slots and its table), \
+                     and looking at each thread without stopping it where the kernel can tell (a thread blocked in a \
+                     system call, from `/proc/PID/task/TID/syscall`).\n",
+                    fmt3(over(rs, |r| r.held_thread_us)),
+                    fmt3(over(rs, |r| r.base.max_us)),
+                );
+            }
+        }
         m
     }
 

@@ -53,6 +53,13 @@ fn disabled() -> bool {
     std::env::var_os("SUTURE_NO_LIVE_WRITE").is_some_and(|v| v == "1")
 }
 
+/// `SUTURE_DEBUG_HOLDS=1`: how long each step of a live write took.
+fn debug_step(what: &str, since: Instant) {
+    if std::env::var_os("SUTURE_DEBUG_HOLDS").is_some_and(|v| v == "1") {
+        eprintln!("suture: live write: {what} {:?}", since.elapsed());
+    }
+}
+
 /// The handler's layout in a recorded mapping.
 fn layout(t: &TrapRecord) -> TrapLayout {
     let (_, l) = trap_handler(t.handler, t.capacity).expect("built before");
@@ -64,6 +71,13 @@ fn layout(t: &TrapRecord) -> TrapLayout {
 /// use the whole-process stop). `rec.trap` is updated; the caller saves
 /// the record.
 pub fn prepare(proc: &Process, rec: &mut Record) -> Result<Option<TrapLayout>, Error> {
+    let t0 = Instant::now();
+    let r = prepare_inner(proc, rec);
+    debug_step("prepare", t0);
+    r
+}
+
+fn prepare_inner(proc: &Process, rec: &mut Record) -> Result<Option<TrapLayout>, Error> {
     if disabled() {
         return Ok(None);
     }
@@ -84,7 +98,7 @@ pub fn prepare(proc: &Process, rec: &mut Record) -> Result<Option<TrapLayout>, E
             Some(t) => t,
             None => {
                 let (_, l) = trap_handler(0, CAPACITY).map_err(Error::Other)?;
-                let len = PAGE + memory::page_up(l.len());
+                let len = PAGE + memory::page_up(l.size());
                 let addr = memory::create_mapping(
                     &mut h,
                     TRAP_NAME,
@@ -165,6 +179,8 @@ pub fn prepare(proc: &Process, rec: &mut Record) -> Result<Option<TrapLayout>, E
 /// Serializes every core running a thread of the target (on a borrowed
 /// thread).
 fn sync(proc: &Process) -> Result<(), Error> {
+    let t0 = Instant::now();
+    let _d = Defer(move || debug_step("sync", t0));
     let mut h = proc.hijack(HIJACK_TIMEOUT)?;
     let r = h.syscall(
         libc::SYS_membarrier,
@@ -220,21 +236,30 @@ pub fn undo(proc: &Process, writes: &[CodeWrite]) {
         .collect();
     for w in &back {
         let _ = proc.write_mem(w.addr, &[0xCC]);
+    }
+    let _ = sync(proc);
+    for w in &back {
         let _ = proc.write_mem(w.addr + 1, &w.bytes[1..]);
     }
     let _ = sync(proc);
     for w in &back {
         let _ = proc.write_mem(w.addr, &w.bytes[..1]);
     }
-    let _ = sync(proc);
 }
 
 /// The last steps, once every `int3` is in place and no thread is inside
-/// the changing bytes: the other bytes, then the first ones, each step
-/// followed by a serialization of the cores.
-pub fn complete(proc: &Process, writes: &[CodeWrite]) -> Result<(), Error> {
+/// the changing bytes: the cores serialized (unless `looked`: every
+/// thread was stopped on its own since the `int3`s were written, which
+/// serialized each), the other bytes, the cores serialized, the first
+/// bytes. No serialization is needed after the first bytes (the kernel's
+/// last one): a core that still meets a stale `int3` takes the trap, and
+/// the handler, seeing the byte changed, runs the finished instruction.
+pub fn complete(proc: &Process, writes: &[CodeWrite], looked: bool) -> Result<(), Error> {
     if writes.is_empty() {
         return Ok(());
+    }
+    if !looked {
+        sync(proc)?;
     }
     for w in writes {
         proc.write_mem(w.addr + 1, &w.bytes[1..])?;
@@ -243,7 +268,7 @@ pub fn complete(proc: &Process, writes: &[CodeWrite]) -> Result<(), Error> {
     for w in writes {
         proc.write_mem(w.addr, &w.bytes[..1])?;
     }
-    sync(proc)
+    Ok(())
 }
 
 /// Finishes a live write a killed `suture` left: every recorded site or
@@ -278,7 +303,7 @@ pub fn repair(proc: &Process, rec: &Record) -> Result<usize, Error> {
         }
     }
     let n = writes.len();
-    complete(proc, &writes)?;
+    complete(proc, &writes, false)?;
     Ok(n)
 }
 
@@ -297,6 +322,7 @@ impl Window {
         proc: &Process,
         f: impl FnOnce(&mut Tracer<'_>) -> Result<T, Error> + Send,
     ) -> Result<T, Error> {
+        let t0 = Instant::now();
         let (result, stats, tid) = std::thread::scope(|sc| {
             sc.spawn(|| {
                 let me = nix::unistd::gettid().as_raw();
@@ -311,7 +337,10 @@ impl Window {
             .join()
             .expect("the tracing thread does not panic")
         });
+        debug_step("window", t0);
         suture_process::add_hold_stats(stats);
+        let t0 = Instant::now();
+        let _d = Defer(move || debug_step("window thread gone", t0));
         // The thread's exit lets its tracees go; wait until it is gone for
         // good (a join returns a little earlier).
         let gone = Instant::now() + Duration::from_secs(2);
@@ -398,4 +427,13 @@ pub fn drain(
         }
     }
     Ok(())
+}
+
+/// Runs a closure when dropped.
+struct Defer<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for Defer<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
 }

@@ -138,6 +138,8 @@ impl Session {
             Some(base) => store::read(&proc, base)?,
             None => Record::new(),
         };
+        // A live write a killed suture left half done is finished first.
+        crate::live::repair(&proc, &rec)?;
         Ok(Session {
             proc,
             _lock: lock,
@@ -1296,7 +1298,7 @@ pub(crate) fn finish(s: &mut Session, forced: bool) -> Result<Option<Finished>, 
             if !forced && !orphans.is_empty() {
                 Some(false)
             } else {
-                if let Err(e) = crate::live::complete(&s.proc, &writes) {
+                if let Err(e) = crate::live::complete(&s.proc, &writes, false) {
                     crate::live::undo(&s.proc, &writes);
                     return Err(e);
                 }

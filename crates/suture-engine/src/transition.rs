@@ -239,7 +239,7 @@ pub fn begin(
                 crate::live::undo(proc, &jumps);
                 return Err(e);
             }
-            if let Err(e) = crate::live::complete(proc, &jumps) {
+            if let Err(e) = crate::live::complete(proc, &jumps, true) {
                 // Back to the code as it was, which the caller's error
                 // path records again.
                 crate::live::undo(proc, &jumps);

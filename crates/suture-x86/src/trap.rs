@@ -85,7 +85,7 @@ impl TrapLayout {
     }
 
     /// Bytes from the handler to the end of the table.
-    pub fn len(&self) -> u64 {
+    pub fn size(&self) -> u64 {
         TABLE_OFFSET + 8 + self.capacity * ENTRY_SIZE
     }
 
@@ -214,7 +214,7 @@ mod tests {
         assert_eq!(&code[off..], &[0xB8, 15, 0, 0, 0, 0x0F, 0x05]);
         assert_eq!(l.count, l.handler + TABLE_OFFSET);
         assert_eq!(l.entry(2), l.count + 8 + 48);
-        assert_eq!(l.len(), TABLE_OFFSET + 8 + 4096 * ENTRY_SIZE);
+        assert_eq!(l.size(), TABLE_OFFSET + 8 + 4096 * ENTRY_SIZE);
     }
 
     #[test]

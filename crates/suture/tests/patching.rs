@@ -413,6 +413,7 @@ fn endbr64_stays_in_place() {
 
 #[test]
 fn apply_and_disable_report_how_long_they_held_the_target() {
+    // Live writes: no thread is ever stopped with the others.
     let mut t = Target::standard("target");
     let threads = std::fs::read_dir(format!("/proc/{}/task", t.pid))
         .unwrap()
@@ -423,18 +424,64 @@ fn apply_and_disable_report_how_long_they_held_the_target() {
         h[k].as_u64()
             .unwrap_or_else(|| panic!("held.{k} missing: {a}"))
     };
+    assert_eq!(n("whole_stops"), 0, "{a}");
+    // Every thread was stopped on its own: to be seen before the jumps
+    // went live, and for its check.
+    assert!(n("thread_stops") >= threads, "{a}");
+    all(&mut t, (44, 101, 1001));
+    let text = ok(&["disable", &pid(&t), "static"]);
+    assert!(
+        !text.contains("target held: all") && text.contains("single threads"),
+        "{text}"
+    );
+    all(&mut t, BASE);
+    assert!(
+        std::fs::read_to_string(format!("/proc/{}/maps", t.pid))
+            .unwrap()
+            .contains("suture-trap"),
+        "the live writes' handler is mapped"
+    );
+}
+
+/// Where an int3 could kill the target (a thread blocks SIGTRAP) or when
+/// told so, the jumps are written in one whole-process stop.
+fn whole_stop_fallback(t: &mut Target, env: &[(&str, &str)]) {
+    let threads = std::fs::read_dir(format!("/proc/{}/task", t.pid))
+        .unwrap()
+        .count() as u64;
+    let a: serde_json::Value =
+        serde_json::from_str(&ok_env(&["apply", &pid(t), &f("static.o"), "--json"], env)).unwrap();
+    let h = &a["held"];
+    let n = |k: &str| {
+        h[k].as_u64()
+            .unwrap_or_else(|| panic!("held.{k} missing: {a}"))
+    };
     // The transition's start stops every thread at once, once.
     assert!(n("whole_stops") >= 1, "{a}");
     assert_eq!(n("whole_threads"), threads, "{a}");
     // All at once is a part of the longest wait in a whole stop.
     assert!(n("whole_all_us") <= n("whole_held_us"), "{a}");
-    // Every thread was also stopped on its own, for its check.
     assert!(n("thread_stops") >= threads, "{a}");
-    all(&mut t, (44, 101, 1001));
-    let text = ok(&["disable", &pid(&t), "static"]);
+    all(t, (44, 101, 1001));
+    let text = ok_env(&["disable", &pid(t), "static"], env);
     assert!(
         text.contains("target held: all") && text.contains("single threads"),
         "{text}"
     );
-    all(&mut t, BASE);
+    all(t, BASE);
+}
+
+#[test]
+fn whole_process_stop_when_told_or_when_a_thread_blocks_sigtrap() {
+    let mut t = Target::standard("target");
+    whole_stop_fallback(&mut t, &[("SUTURE_NO_LIVE_WRITE", "1")]);
+    let lib = fixture("libfixture.so");
+    let mut t = Target::start_env(
+        "target",
+        &[lib.to_str().unwrap()],
+        &[("BLOCK_SIGTRAP", "1")],
+    );
+    whole_stop_fallback(&mut t, &[]);
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", t.pid)).unwrap();
+    assert!(!maps.contains("suture-trap"), "no handler installed");
 }

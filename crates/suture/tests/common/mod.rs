@@ -323,6 +323,23 @@ pub fn suture(args: &[&str]) -> Output {
         .expect("run suture")
 }
 
+/// Run suture with extra environment variables and require success;
+/// returns stdout.
+pub fn ok_env(args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = Command::new(SUTURE)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run suture");
+    assert!(
+        out.status.success(),
+        "suture {args:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// Run suture and require success; returns stdout.
 pub fn ok(args: &[&str]) -> String {
     let out = suture(args);
