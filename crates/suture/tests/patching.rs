@@ -413,12 +413,17 @@ fn endbr64_stays_in_place() {
 
 #[test]
 fn apply_and_disable_report_how_long_they_held_the_target() {
-    // Live writes: no thread is ever stopped with the others.
+    // Live writes (opt-in): no thread is ever stopped with the others.
+    let live = [("SUTURE_LIVE_WRITE", "1")];
     let mut t = Target::standard("target");
     let threads = std::fs::read_dir(format!("/proc/{}/task", t.pid))
         .unwrap()
         .count() as u64;
-    let a = json(&["apply", &pid(&t), &f("static.o"), "--json"]);
+    let a: serde_json::Value = serde_json::from_str(&ok_env(
+        &["apply", &pid(&t), &f("static.o"), "--json"],
+        &live,
+    ))
+    .unwrap();
     let h = &a["held"];
     let n = |k: &str| {
         h[k].as_u64()
@@ -429,7 +434,7 @@ fn apply_and_disable_report_how_long_they_held_the_target() {
     // went live, and for its check.
     assert!(n("thread_stops") >= threads, "{a}");
     all(&mut t, (44, 101, 1001));
-    let text = ok(&["disable", &pid(&t), "static"]);
+    let text = ok_env(&["disable", &pid(&t), "static"], &live);
     assert!(
         !text.contains("target held: all") && text.contains("single threads"),
         "{text}"
@@ -443,8 +448,9 @@ fn apply_and_disable_report_how_long_they_held_the_target() {
     );
 }
 
-/// Where an int3 could kill the target (a thread blocks SIGTRAP) or when
-/// told so, the jumps are written in one whole-process stop.
+/// By default (live writes are opt-in), and where an int3 could kill the
+/// target (a thread blocks SIGTRAP), the jumps are written in one
+/// whole-process stop.
 fn whole_stop_fallback(t: &mut Target, env: &[(&str, &str)]) {
     let threads = std::fs::read_dir(format!("/proc/{}/task", t.pid))
         .unwrap()
@@ -472,16 +478,17 @@ fn whole_stop_fallback(t: &mut Target, env: &[(&str, &str)]) {
 }
 
 #[test]
-fn whole_process_stop_when_told_or_when_a_thread_blocks_sigtrap() {
+fn whole_process_stop_by_default_and_when_a_thread_blocks_sigtrap() {
+    // The default for now (live writes are opt-in).
     let mut t = Target::standard("target");
-    whole_stop_fallback(&mut t, &[("SUTURE_NO_LIVE_WRITE", "1")]);
+    whole_stop_fallback(&mut t, &[]);
     let lib = fixture("libfixture.so");
     let mut t = Target::start_env(
         "target",
         &[lib.to_str().unwrap()],
         &[("BLOCK_SIGTRAP", "1")],
     );
-    whole_stop_fallback(&mut t, &[]);
+    whole_stop_fallback(&mut t, &[("SUTURE_LIVE_WRITE", "1")]);
     let maps = std::fs::read_to_string(format!("/proc/{}/maps", t.pid)).unwrap();
     assert!(!maps.contains("suture-trap"), "no handler installed");
 }
