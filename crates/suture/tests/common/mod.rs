@@ -342,14 +342,7 @@ pub fn ok_env(args: &[&str], env: &[(&str, &str)]) -> String {
 
 /// Run suture and require success; returns stdout.
 pub fn ok(args: &[&str]) -> String {
-    let out = suture(args);
-    assert!(
-        out.status.success(),
-        "suture {args:?} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    ok_env(args, &[])
 }
 
 /// Run suture and require exit status 1; returns stderr.
