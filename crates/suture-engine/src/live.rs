@@ -53,7 +53,7 @@ const THREAD_STOP: Duration = Duration::from_millis(500);
 /// traced in the window pays a ptrace round trip per `int3` it meets), so
 /// the whole-process stop stays the default until that is fixed.
 fn disabled() -> bool {
-    !std::env::var_os("SUTURE_LIVE_WRITE").is_some_and(|v| v == "1")
+    std::env::var_os("SUTURE_LIVE_WRITE").is_none_or(|v| v != "1")
 }
 
 /// `SUTURE_DEBUG_HOLDS=1`: how long each step of a live write took.
@@ -100,8 +100,7 @@ fn prepare_inner(proc: &Process, rec: &mut Record) -> Result<Option<TrapLayout>,
         let t = match rec.trap.clone() {
             Some(t) => t,
             None => {
-                let (_, l) = trap_handler(0, CAPACITY).map_err(Error::Other)?;
-                let len = PAGE + memory::page_up(l.size());
+                let len = PAGE + memory::page_up(TrapLayout::size_for(CAPACITY));
                 let addr = memory::create_mapping(
                     &mut h,
                     TRAP_NAME,

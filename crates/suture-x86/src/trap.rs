@@ -86,7 +86,12 @@ impl TrapLayout {
 
     /// Bytes from the handler to the end of the table.
     pub fn size(&self) -> u64 {
-        TABLE_OFFSET + 8 + self.capacity * ENTRY_SIZE
+        Self::size_for(self.capacity)
+    }
+
+    /// Bytes a handler with room for `capacity` entries needs.
+    pub fn size_for(capacity: u64) -> u64 {
+        TABLE_OFFSET + 8 + capacity * ENTRY_SIZE
     }
 
     /// Address of entry `i`.
