@@ -90,8 +90,15 @@ pub struct Suture {
 }
 
 impl Suture {
+    /// Runs suture; its stderr is shown with `SUTURE_BENCH_STDERR=1`
+    /// (e.g. with `SUTURE_DEBUG_HOLDS=1`), else kept for the error.
     pub fn cmd(&self, args: &[&str]) -> Result<String> {
-        run_cmd(Command::new(&self.bin).args(args))
+        let mut c = Command::new(&self.bin);
+        c.args(args);
+        if std::env::var_os("SUTURE_BENCH_STDERR").is_some_and(|v| v == "1") {
+            c.stderr(std::process::Stdio::inherit());
+        }
+        run_cmd(&mut c)
     }
     pub fn status(&self, pid: i32) -> Result<Value> {
         let s = self.cmd(&["status", &pid.to_string(), "--json"])?;

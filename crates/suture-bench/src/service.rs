@@ -278,6 +278,7 @@ fn run_in(o: &Options, dir: &Path) -> Result<()> {
             std::thread::sleep(o.window - spent);
         }
         let r1 = load.now();
+        let start = load.start;
         let samples = load.finish();
         if std::env::var_os("SUTURE_BENCH_DEBUG").is_some() {
             let mut w: Vec<&Sample> = samples
@@ -286,9 +287,12 @@ fn run_in(o: &Options, dir: &Path) -> Result<()> {
                 .collect();
             w.sort_by_key(|s| std::cmp::Reverse(s.latency));
             for s in w.iter().take(8) {
+                // On the clock of suture's `SUTURE_DEBUG_HOLDS=1` lines.
+                let ago = Instant::now().saturating_duration_since(start + s.due);
                 eprintln!(
-                    "  slow: due at +{:.1} ms from the apply's start (apply {apply_ms:.0} ms, disable {disable_ms:.0} ms): {:.1} ms",
+                    "  slow: due at +{:.1} ms from the apply's start (CLOCK_MONOTONIC {:.3} ms; apply {apply_ms:.0} ms, disable {disable_ms:.0} ms): {:.1} ms",
                     (s.due - p0).as_secs_f64() * 1e3,
+                    util::monotonic_ms() - ago.as_secs_f64() * 1e3,
                     s.latency.as_secs_f64() * 1e3
                 );
             }

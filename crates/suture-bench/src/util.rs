@@ -53,6 +53,17 @@ pub fn suture_bin() -> Result<PathBuf> {
 }
 
 /// Runs a command, returns stdout; fails with its stderr.
+/// `CLOCK_MONOTONIC` in ms (the clock of suture's debug lines).
+pub fn monotonic_ms() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes only the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 / 1e6
+}
+
 pub fn run(cmd: &mut Command) -> Result<String> {
     let out = cmd
         .stdin(Stdio::null())

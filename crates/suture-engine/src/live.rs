@@ -3,29 +3,37 @@
 //! Instead of stopping every thread to change a jump, suture writes an
 //! `int3` on the first byte of each changing instruction, then the other
 //! bytes, then the first byte, with the cores serialized between the steps
-//! (`membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE)`, made by a
-//! borrowed thread). A thread that reaches an `int3` meanwhile takes a
-//! `SIGTRAP`, and the handler suture installed in the target
-//! (`suture_x86::trap`) sends it where the finished instruction would:
-//! no thread is ever stopped for the write itself, and if suture dies in
-//! the middle the handler keeps the target running until the next command
-//! finishes the write ([`repair`]).
+//! ([`sync`]: `membarrier(MEMBARRIER_CMD_GLOBAL_EXPEDITED)`, issued by
+//! suture itself, so that no thread of the target has to run for it). A
+//! thread that reaches an `int3` meanwhile takes a `SIGTRAP`, and the
+//! handler suture installed in the target (`suture_x86::trap`) sends it
+//! where the finished instruction would: no thread is ever stopped for the
+//! write itself, and if suture dies in the middle the handler keeps the
+//! target running until the next command finishes the write ([`repair`]).
 //!
-//! What must hold while the first bytes are `int3` and the rest changes:
-//! no thread may be between two of the instructions being replaced
-//! ([`Window`] checks each thread once, after the `int3` is in place, and
-//! moves one found there to the same instruction of the relocated copy);
-//! and for a transition's start, every thread that existed before must be
-//! in the pending table before any thread can take the new path (done in
-//! the same [`Window`], which traces every thread with
-//! `PTRACE_O_TRACECLONE`, so a thread created meanwhile is seen before its
-//! first instruction).
+//! A thread that meets an `int3` pays a signal (microseconds), so the
+//! `int3`s stay in place as briefly as possible, and nothing of the process
+//! is traced meanwhile (a traced thread would stop for us at each one).
+//! What must hold while they are in place:
+//! * no thread may be between two of the instructions being replaced:
+//!   [`check_torn`] reads where each sleeping thread will resume from
+//!   `/proc` and stops only the running ones, one at a time (none at all
+//!   when every write replaces a single instruction, e.g. one jump by
+//!   another); one found there moves to the same instruction of the
+//!   relocated copy. If that takes too long, the `int3`s are taken back and
+//!   the whole-process stop of `write.rs` is used instead;
+//! * for a transition's start, every thread that existed before must be in
+//!   the pending table before any thread can take the new path: each
+//!   thread is stopped once on its own to fill the table before the first
+//!   `int3`, and the dispatch stubs' quarantine keeps a thread not in the
+//!   table on the old code until a short [`Window`] (tracing every thread
+//!   with `PTRACE_O_TRACECLONE`, so a thread created meanwhile is seen
+//!   before its first instruction) has added the threads created since.
 //!
-//! Not used (the whole-process stop of `write.rs` is) when the target
-//! handles or ignores `SIGTRAP` itself, when a thread blocks it (the
-//! kernel would then kill the process on the `int3`), or without
-//! `membarrier` core serialization, and unless `SUTURE_LIVE_WRITE=1`
-//! (opt-in for now, see [`disabled`]).
+//! Not used (the whole-process stop is) when the target handles or ignores
+//! `SIGTRAP` itself, when a thread blocks it (the kernel would then kill
+//! the process on the `int3`), or without `membarrier`, and unless
+//! `SUTURE_LIVE_WRITE=1` (opt-in for now, see [`disabled`]).
 
 use crate::memory::{self, PAGE, PROT_RW, PROT_RX};
 use crate::record::{Record, Region, TrapRecord};
@@ -39,8 +47,8 @@ const SIGTRAP: i32 = 5;
 const TRAP_NAME: &str = "suture-trap";
 /// Entries of the handler's table (one per changing instruction).
 const CAPACITY: u64 = 16 * 1024;
-const MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE: u64 = 1 << 5;
-const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE: u64 = 1 << 6;
+const MEMBARRIER_CMD_GLOBAL_EXPEDITED: i64 = 1 << 1;
+const MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED: u64 = 1 << 2;
 const SA_SIGINFO: u64 = 4;
 const SA_RESTORER: u64 = 0x0400_0000;
 const SA_ONSTACK: u64 = 0x0800_0000;
@@ -58,9 +66,7 @@ fn disabled() -> bool {
 
 /// `SUTURE_DEBUG_HOLDS=1`: how long each step of a live write took.
 fn debug_step(what: &str, since: Instant) {
-    if std::env::var_os("SUTURE_DEBUG_HOLDS").is_some_and(|v| v == "1") {
-        eprintln!("suture: live write: {what} {:?}", since.elapsed());
-    }
+    suture_process::debug_log(format_args!("live write: {what} {:?}", since.elapsed()));
 }
 
 /// The handler's layout in a recorded mapping.
@@ -91,7 +97,11 @@ fn prepare_inner(proc: &Process, rec: &mut Record) -> Result<Option<TrapLayout>,
     if !proc.threads_blocking(SIGTRAP)?.is_empty() {
         return Ok(None);
     }
-    let ready = rec.trap.as_ref().is_some_and(|t| t.sync_core);
+    if rec.trap.as_ref().is_some_and(|t| undo_log(t).is_none()) {
+        // Mapped by an older suture, without room for the undo log.
+        return Ok(None);
+    }
+    let ready = rec.trap.as_ref().is_some_and(|t| t.barrier);
     if caught && ready {
         return Ok(rec.trap.as_ref().map(layout));
     }
@@ -100,7 +110,7 @@ fn prepare_inner(proc: &Process, rec: &mut Record) -> Result<Option<TrapLayout>,
         let t = match rec.trap.clone() {
             Some(t) => t,
             None => {
-                let len = PAGE + memory::page_up(TrapLayout::size_for(CAPACITY));
+                let len = PAGE + memory::page_up(TrapLayout::size_for(CAPACITY) + CAPACITY);
                 let addr = memory::create_mapping(
                     &mut h,
                     TRAP_NAME,
@@ -117,7 +127,7 @@ fn prepare_inner(proc: &Process, rec: &mut Record) -> Result<Option<TrapLayout>,
                     region: Region { addr, len },
                     handler,
                     capacity: CAPACITY,
-                    sync_core: false,
+                    barrier: false,
                 };
                 rec.trap = Some(t.clone());
                 t
@@ -151,23 +161,16 @@ fn prepare_inner(proc: &Process, rec: &mut Record) -> Result<Option<TrapLayout>,
                 return Ok(None);
             }
         }
-        if !t.sync_core {
+        if !t.barrier {
             let r = h.syscall(
                 libc::SYS_membarrier,
-                [
-                    MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                ],
+                [MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED, 0, 0, 0, 0, 0],
             );
             if r.is_err() {
                 return Ok(None);
             }
             if let Some(t) = rec.trap.as_mut() {
-                t.sync_core = true;
+                t.barrier = true;
             }
         }
         Ok(Some(l))
@@ -178,24 +181,43 @@ fn prepare_inner(proc: &Process, rec: &mut Record) -> Result<Option<TrapLayout>,
     Ok(l)
 }
 
-/// Serializes every core running a thread of the target (on a borrowed
-/// thread).
-fn sync(proc: &Process) -> Result<(), Error> {
+/// Serializes every core running a thread of the target, from suture
+/// itself: `membarrier(MEMBARRIER_CMD_GLOBAL_EXPEDITED)` interrupts each
+/// core that runs a thread of a registered process ([`prepare`] registers
+/// the target). A core interrupted in user mode returns to it through
+/// `iret`, which is serializing; a core running a thread in the kernel has
+/// none of that thread's user instructions in flight, and fetches them
+/// again (coherently with our writes) when it returns. No thread of the
+/// target has to run for this, so it takes microseconds even when the
+/// target is saturated (by threads meeting our `int3`s, for instance);
+/// the private `SYNC_CORE` command would have to be made by a thread of
+/// the target, which then first waits for a core.
+pub fn sync() -> Result<(), Error> {
     let t0 = Instant::now();
     let _d = Defer(move || debug_step("sync", t0));
-    let mut h = proc.hijack(HIJACK_TIMEOUT)?;
-    let r = h.syscall(
-        libc::SYS_membarrier,
-        [MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0, 0, 0, 0],
-    );
-    let released = h.release();
-    r?;
-    released?;
+    // SAFETY: membarrier takes no pointers.
+    let r = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL_EXPEDITED, 0, 0) };
+    if r < 0 {
+        return Err(Error::Other(format!(
+            "membarrier(GLOBAL_EXPEDITED) failed: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
     Ok(())
 }
 
-/// Writes the handler's table for `writes` (before any of their `int3`).
-/// `false` if one of them has no destination or they do not fit.
+/// Where the old first byte of each table entry's write is kept (one byte
+/// per entry, after the table), if the mapping has room for it: a suture
+/// killed after placing `int3`s at sites its record does not know yet
+/// leaves them to [`repair`], which takes them back from here.
+fn undo_log(t: &TrapRecord) -> Option<u64> {
+    let at = t.handler + TrapLayout::size_for(t.capacity);
+    (at + t.capacity <= t.region.addr + t.region.len).then_some(at)
+}
+
+/// Writes the handler's table for `writes` (before any of their `int3`),
+/// with the undo log. `false` if one of them has no destination or they do
+/// not fit.
 pub fn set_table(proc: &Process, l: &TrapLayout, writes: &[CodeWrite]) -> Result<bool, Error> {
     let entries: Option<Vec<(u64, u64, u64)>> = writes
         .iter()
@@ -204,6 +226,8 @@ pub fn set_table(proc: &Process, l: &TrapLayout, writes: &[CodeWrite]) -> Result
     let Some(bytes) = entries.and_then(|e| l.table_bytes(&e)) else {
         return Ok(false);
     };
+    let undo: Vec<u8> = writes.iter().map(|w| w.old[0]).collect();
+    proc.write_mem(l.handler + TrapLayout::size_for(l.capacity), &undo)?;
     proc.write_mem(l.count, &bytes)?;
     Ok(true)
 }
@@ -239,11 +263,11 @@ pub fn undo(proc: &Process, writes: &[CodeWrite]) {
     for w in &back {
         let _ = proc.write_mem(w.addr, &[0xCC]);
     }
-    let _ = sync(proc);
+    let _ = sync();
     for w in &back {
         let _ = proc.write_mem(w.addr + 1, &w.bytes[1..]);
     }
-    let _ = sync(proc);
+    let _ = sync();
     for w in &back {
         let _ = proc.write_mem(w.addr, &w.bytes[..1]);
     }
@@ -261,12 +285,12 @@ pub fn complete(proc: &Process, writes: &[CodeWrite], looked: bool) -> Result<()
         return Ok(());
     }
     if !looked {
-        sync(proc)?;
+        sync()?;
     }
     for w in writes {
         proc.write_mem(w.addr + 1, &w.bytes[1..])?;
     }
-    sync(proc)?;
+    sync()?;
     for w in writes {
         proc.write_mem(w.addr, &w.bytes[..1])?;
     }
@@ -279,12 +303,14 @@ pub fn complete(proc: &Process, writes: &[CodeWrite], looked: bool) -> Result<()
 /// whose result it describes, and after those of one it does not: either
 /// way it holds a state the handler's table leads to).
 pub fn repair(proc: &Process, rec: &Record) -> Result<usize, Error> {
-    if rec.trap.is_none() {
+    let Some(t) = &rec.trap else {
         return Ok(0);
-    }
+    };
     let mut writes = Vec::new();
+    let mut known = std::collections::BTreeSet::new();
     for site in rec.sites.values() {
         let mut push = |addr: u64, bytes: Vec<u8>| -> Result<(), Error> {
+            known.insert(addr);
             if proc.read_mem(addr, 1)? == [0xCC] && bytes.first() != Some(&0xCC) {
                 writes.push(CodeWrite {
                     addr,
@@ -304,9 +330,40 @@ pub fn repair(proc: &Process, rec: &Record) -> Result<usize, Error> {
             }
         }
     }
+    // `int3`s of the last write at addresses the record does not know
+    // (new sites of a start the record was not saved for): only their
+    // first byte was written, which goes back.
+    let mut withdrawn = 0;
+    if let Some(undo) = undo_log(t) {
+        let l = layout(t);
+        let count = u64::from_le_bytes(proc.read_mem(l.count, 8)?.try_into().expect("8 bytes"));
+        let count = count.min(t.capacity);
+        let old = proc.read_mem(undo, count as usize)?;
+        let size = l.entry(1) - l.entry(0);
+        let entries = proc.read_mem(l.entry(0), (count * size) as usize)?;
+        for (&byte, entry) in old.iter().zip(entries.chunks_exact(size as usize)) {
+            let at = u64::from_le_bytes(entry[..8].try_into().expect("8 bytes"));
+            if !known.contains(&at) && byte != 0xCC && proc.read_mem(at, 1)? == [0xCC] {
+                proc.write_mem(at, &[byte])?;
+                withdrawn += 1;
+            }
+        }
+    }
     let n = writes.len();
-    complete(proc, &writes, false)?;
-    Ok(n)
+    if n > 0 {
+        if !t.barrier {
+            // Written by a suture that serialized the cores otherwise.
+            let mut h = proc.hijack(HIJACK_TIMEOUT)?;
+            let r = h.syscall(
+                libc::SYS_membarrier,
+                [MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED, 0, 0, 0, 0, 0],
+            );
+            h.release()?;
+            r?;
+        }
+        complete(proc, &writes, false)?;
+    }
+    Ok(n + withdrawn)
 }
 
 /// Every thread of the process traced (without being stopped) by a
@@ -376,34 +433,145 @@ fn attach_all(proc: &Process, tracer: &mut Tracer<'_>) -> Result<(), Error> {
     }
 }
 
-/// In a [`Window`]: each traced thread stopped once, on its own (the next
-/// one asked ahead), given to `look` with its registers, then resumed;
-/// threads born meanwhile are given to `born` (held until it returns).
-/// Threads that exit meanwhile are skipped.
+/// What becomes of a thread after its look in [`look_at_each`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum LetGo {
+    /// Resumed and still traced (in a [`Window`]; births are drained
+    /// after each look).
+    Resume,
+    /// Detached: outside a window, so that nothing of the process stays
+    /// traced (a traced thread meeting an `int3` would stop for us).
+    Detach,
+}
+
+/// Each of `threads` stopped once, on its own (the next one asked ahead),
+/// given to `look` with its registers, then let go as `let_go` says; a
+/// thread that does not stop by `deadline` (or within [`THREAD_STOP`]) is
+/// an [`suture_process::Error::Timeout`].
+/// With [`LetGo::Resume`], threads born meanwhile are given to `born` (held
+/// until it returns). Threads that exit meanwhile are skipped.
 pub fn look_at_each(
     tracer: &mut Tracer<'_>,
+    threads: &[Tid],
+    let_go: LetGo,
+    deadline: Option<Instant>,
     look: &mut dyn FnMut(&mut Tracer<'_>, Tid, &libc::user_regs_struct) -> Result<(), Error>,
     born: &mut dyn FnMut(&mut Tracer<'_>, Tid, &libc::user_regs_struct) -> Result<(), Error>,
 ) -> Result<(), Error> {
-    let threads = tracer.traced();
     for (i, &tid) in threads.iter().enumerate() {
         if let Some(&next) = threads.get(i + 1) {
             let _ = tracer.request_stop(next);
         }
-        let regs = match tracer.stop(tid, THREAD_STOP) {
+        let timeout = deadline.map_or(THREAD_STOP, |d| {
+            THREAD_STOP.min(d.saturating_duration_since(Instant::now()))
+        });
+        let regs = match tracer.stop(tid, timeout) {
             Ok(r) => r,
             Err(suture_process::Error::ThreadExited { .. }) => continue,
             Err(e) => return Err(e.into()),
         };
         let r = look(tracer, tid, &regs);
-        match tracer.resume(tid, suture_process::Resume::Run) {
+        let gone = match let_go {
+            LetGo::Resume => tracer.resume(tid, suture_process::Resume::Run),
+            LetGo::Detach => tracer.detach(tid),
+        };
+        match gone {
             Ok(()) | Err(suture_process::Error::ThreadExited { .. }) => {}
             Err(e) => return Err(e.into()),
         }
         r?;
+        if let_go == LetGo::Resume {
+            drain(tracer, born)?;
+        }
+    }
+    if let_go == LetGo::Resume {
         drain(tracer, born)?;
     }
-    drain(tracer, born)
+    Ok(())
+}
+
+/// How long [`check_torn`] may take before the live write is given up.
+const TORN_BUDGET: Duration = Duration::from_millis(100);
+
+/// The outcome of [`check_torn`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Torn {
+    /// No thread is between two of the instructions about to change.
+    Clear,
+    /// Not settled within [`TORN_BUDGET`] (threads too slow to stop, or
+    /// one inside the bytes that cannot be moved): take the `int3`s back
+    /// and use the whole-process stop, which waits for such a thread.
+    GiveUp,
+}
+
+/// The addresses a thread could be stopped at, inside bytes that `w`
+/// changes: the starts of the old instructions after the first. None when
+/// the old bytes are one of our jumps or calls (a single instruction).
+fn inner_starts(w: &CodeWrite) -> Vec<u64> {
+    if matches!(w.old.first(), Some(0xE9 | 0xE8)) {
+        return Vec::new();
+    }
+    let starts: Vec<u64> = w
+        .redirect
+        .iter()
+        .map(|&(from, _)| from)
+        .filter(|&from| w.tears(from))
+        .collect();
+    if starts.is_empty() && w.guard_len > 1 && w.redirect.is_empty() {
+        // Boundaries unknown: every byte after the first.
+        return (w.addr + 1..w.addr + w.guard_len).collect();
+    }
+    starts
+}
+
+/// After the `int3`s of `writes` are in place and every core serialized
+/// (no thread can enter their bytes any more): each thread found at the
+/// start of an instruction about to change, other than the first, is
+/// moved by `inside` (stopped; it moves the thread to the relocated copy
+/// or fails). A thread asleep in the kernel is judged by the pc it will
+/// return to, read without stopping it; only the others are stopped, one
+/// at a time, and none at all when no write replaces several
+/// instructions. Threads created later cannot be inside (they would have
+/// passed an `int3`).
+pub fn check_torn(
+    proc: &Process,
+    writes: &[CodeWrite],
+    inside: &mut dyn FnMut(&mut Tracer<'_>, Tid, &libc::user_regs_struct) -> Result<(), Error>,
+) -> Result<Torn, Error> {
+    let t0 = Instant::now();
+    let _d = Defer(move || debug_step("torn check", t0));
+    let starts: std::collections::BTreeSet<u64> = writes.iter().flat_map(inner_starts).collect();
+    if starts.is_empty() {
+        return Ok(Torn::Clear);
+    }
+    let running: Vec<Tid> = proc
+        .threads()?
+        .into_iter()
+        .filter(|&tid| proc.blocked_pc(tid).is_none_or(|pc| starts.contains(&pc)))
+        .collect();
+    let mut tracer = proc.tracer();
+    let mut look = |tr: &mut Tracer<'_>, tid: Tid, regs: &libc::user_regs_struct| {
+        if starts.contains(&regs.rip) {
+            inside(tr, tid, regs)
+        } else {
+            Ok(())
+        }
+    };
+    let r = look_at_each(
+        &mut tracer,
+        &running,
+        LetGo::Detach,
+        Some(t0 + TORN_BUDGET),
+        &mut look,
+        &mut |_, _, _| Ok(()),
+    );
+    match r {
+        Ok(()) => Ok(Torn::Clear),
+        Err(Error::SiteBusy(_)) | Err(Error::Process(suture_process::Error::Timeout { .. })) => {
+            Ok(Torn::GiveUp)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Handles the events waiting now: births are given to `born` then

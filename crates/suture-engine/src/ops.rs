@@ -140,12 +140,17 @@ impl Session {
         };
         // A live write a killed suture left half done is finished first.
         crate::live::repair(&proc, &rec)?;
-        Ok(Session {
+        let mut s = Session {
             proc,
             _lock: lock,
             store,
             rec,
-        })
+        };
+        if s.rec.transition.as_ref().is_some_and(|t| t.quarantine) {
+            transition::lift_quarantine(&s.proc, &mut s.rec)?;
+            s.save()?;
+        }
+        Ok(s)
     }
 
     /// Write the record, creating the store if this is the first one.
@@ -1668,6 +1673,10 @@ pub enum WaitEnd {
 /// Wait for the transition of `patch` to finish, calling `progress` with
 /// (switched, total) threads as it goes. A transition whose worker is gone
 /// (killed, or a forked child's) gets a new one.
+/// How long [`wait`] waits without a timeout for the worker that completed
+/// a transition to finish its cleanup.
+const CLEANUP_WAIT: Duration = Duration::from_secs(10);
+
 pub fn wait(
     pid: i32,
     patch: &str,
@@ -1681,6 +1690,21 @@ pub fn wait(
         let rec = read_record(&proc)?;
         let in_transition = rec.model.transition().is_some_and(|t| t.patch == patch);
         if !in_transition {
+            // The worker that completed it goes on with the callbacks and
+            // frees the memory no thread needs any more, under the lock:
+            // done when the lock is free (a command that returns now
+            // finds the patch unloaded).
+            let lock = lock::lock(
+                &proc,
+                deadline.map_or(CLEANUP_WAIT, |d| {
+                    d.saturating_duration_since(std::time::Instant::now())
+                }),
+            );
+            match lock {
+                Ok(_) | Err(Error::Locked { .. }) => {}
+                Err(e) => return Err(e),
+            }
+            let rec = read_record(&proc)?;
             return Ok(WaitEnd::Complete {
                 present: rec.model.patch(patch).is_some(),
             });

@@ -147,6 +147,10 @@ pub struct TransitionRecord {
     pub blockers: BTreeMap<i32, Blocker>,
     /// Seconds since the epoch when the transition started.
     pub started: u64,
+    /// The dispatch stubs' quarantine is still on (a live start not
+    /// finished: `transition::lift_quarantine`).
+    #[serde(default)]
+    pub quarantine: bool,
 }
 
 /// A dispatch stub written for a site: enough to regenerate it exactly.
@@ -218,8 +222,10 @@ pub struct TrapRecord {
     pub handler: u64,
     /// Entries its table holds.
     pub capacity: u64,
-    /// The process registered for `membarrier` core serialization.
-    pub sync_core: bool,
+    /// The process registered for `MEMBARRIER_CMD_GLOBAL_EXPEDITED`, which
+    /// suture then issues itself to serialize its cores (see `live.rs`).
+    #[serde(default)]
+    pub barrier: bool,
 }
 
 impl Record {

@@ -28,7 +28,7 @@ use crate::Error;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 use suture_model::{Code, Model, SiteMode, Target};
-use suture_process::{Hijack, Process, Resume, Tracer};
+use suture_process::{Hijack, Process, Resume, Tid, Tracer};
 use suture_x86::dispatch::{table_insert, DISPATCH_MAX_LEN, TOMBSTONE_BIT};
 
 /// How long to wait for one thread to stop for its check.
@@ -233,21 +233,46 @@ pub fn begin(
                 quarantines: &quarantines,
                 jumps: &jumps,
             };
-            let seen = live_begin.run(proc)?;
-            let (r, m) = after_begin(rec, model, &seen, &sites, &region, bits, &stubs, started);
-            if let Err(e) = save(&r, &m) {
-                crate::live::undo(proc, &jumps);
-                return Err(e);
+            // `None`: a thread inside the bytes to change did not stop in
+            // time; the whole-process stop below waits for it.
+            if let Some(mut tabled) = live_begin.start(proc)? {
+                let (mut r, m) = after_begin(
+                    rec,
+                    model,
+                    &tabled.seen,
+                    &sites,
+                    &region,
+                    bits,
+                    &stubs,
+                    started,
+                );
+                // Until `finish` lifts it (a later command does if we die).
+                if let Some(t) = r.transition.as_mut() {
+                    t.quarantine = true;
+                }
+                let written = save(&r, &m)
+                    .and_then(|()| crate::live::complete(proc, &jumps, true))
+                    .and_then(|()| live_begin.finish(proc, &mut tabled));
+                if let Err(e) = written {
+                    // Back to the code as it was, which the caller's error
+                    // path records again.
+                    crate::live::undo(proc, &jumps);
+                    return Err(e);
+                }
+                let (r, m) = after_begin(
+                    rec,
+                    model,
+                    &tabled.seen,
+                    &sites,
+                    &region,
+                    bits,
+                    &stubs,
+                    started,
+                );
+                *rec = r;
+                *model = m;
+                return Ok(());
             }
-            if let Err(e) = crate::live::complete(proc, &jumps, true) {
-                // Back to the code as it was, which the caller's error
-                // path records again.
-                crate::live::undo(proc, &jumps);
-                return Err(e);
-            }
-            *rec = r;
-            *model = m;
-            return Ok(());
         }
     }
     let old_table = proc.read_mem(region.addr, 8 << bits)?;
@@ -328,6 +353,7 @@ fn after_begin(
         worker: None,
         blockers: BTreeMap::new(),
         started,
+        quarantine: false,
     });
     (r, m)
 }
@@ -341,83 +367,215 @@ struct LiveBegin<'a> {
     jumps: &'a [CodeWrite],
 }
 
+/// The threads put in the pending table so far, and the table.
+struct Tabled {
+    mirror: Mirror,
+    seen: Vec<Seen>,
+}
+
+impl Tabled {
+    /// A thread into the table: a start (never a reversal), so every
+    /// thread that existed before is pending.
+    fn add(
+        &mut self,
+        proc: &Process,
+        bits: u32,
+        tid: Tid,
+        regs: &libc::user_regs_struct,
+    ) -> Result<(), Error> {
+        check_thread_pointer(proc, tid, regs.fs_base)?;
+        if !table_insert(&mut self.mirror.slots, bits, regs.fs_base) {
+            return Err(Error::Other(format!(
+                "the process has more threads than suture's table holds ({})",
+                1u64 << (bits - 1)
+            )));
+        }
+        self.seen.push(Seen {
+            tid,
+            tp: regs.fs_base,
+            pending: true,
+        });
+        Ok(())
+    }
+}
+
+/// Lifts the quarantine of a live transition start (see `live.rs`): the
+/// threads not in `tabled` yet (created since it was filled) are added to
+/// the table, in a [`crate::live::Window`] that sees each thread created
+/// meanwhile before its first instruction; then the quarantine bytes are
+/// cleared (a thread not in the table from then on is new, and starts in
+/// the target state). On error the quarantine stays: such threads keep
+/// the old code.
+fn lift_quarantine_with(
+    proc: &Process,
+    region: &Region,
+    bits: u32,
+    quarantines: &[u64],
+    tabled: &mut Tabled,
+) -> Result<(), Error> {
+    crate::live::Window::run(proc, |tracer| {
+        let tabled = std::cell::RefCell::new(tabled);
+        let add = |tid: Tid, regs: &libc::user_regs_struct| {
+            tabled.borrow_mut().add(proc, bits, tid, regs)
+        };
+        let known: BTreeSet<Tid> = tabled.borrow().seen.iter().map(|s| s.tid).collect();
+        let fresh: Vec<Tid> = tracer
+            .traced()
+            .into_iter()
+            .filter(|t| !known.contains(t))
+            .collect();
+        let mut born = |_: &mut Tracer<'_>, tid: Tid, regs: &libc::user_regs_struct| add(tid, regs);
+        crate::live::look_at_each(
+            tracer,
+            &fresh,
+            crate::live::LetGo::Resume,
+            None,
+            &mut |_, tid, regs| add(tid, regs),
+            &mut born,
+        )?;
+        // The table, with the threads born meanwhile (until none is).
+        loop {
+            let n = tabled.borrow().seen.len();
+            proc.write_mem(region.addr, &tabled.borrow().mirror.bytes())?;
+            crate::live::drain(tracer, &mut born)?;
+            if tabled.borrow().seen.len() == n {
+                break;
+            }
+        }
+        for &q in quarantines {
+            proc.write_mem(q, &[0])?;
+        }
+        crate::live::drain(tracer, &mut |_, _, _| Ok(()))
+    })
+}
+
+/// A live transition start that a killed suture left with its quarantine
+/// on (the record says so): lifted now, before any thread is switched (a
+/// switched thread is no longer in the table, and the quarantine would
+/// keep it on the old code). The threads added are pending.
+pub fn lift_quarantine(proc: &Process, rec: &mut Record) -> Result<(), Error> {
+    let Some(t) = rec.transition.as_mut().filter(|t| t.quarantine) else {
+        return Ok(());
+    };
+    let quarantines = t
+        .stubs
+        .values()
+        .map(|s| regenerate_stub(t.table.addr, t.bits, s).map(|stub| stub.quarantine))
+        .collect::<Result<Vec<u64>, Error>>()?;
+    let mut tabled = Tabled {
+        mirror: Mirror::read(proc, t)?,
+        seen: t
+            .tps
+            .iter()
+            .map(|(&tid, &tp)| Seen {
+                tid,
+                tp,
+                pending: true,
+            })
+            .collect(),
+    };
+    let known = tabled.seen.len();
+    lift_quarantine_with(proc, &t.table.clone(), t.bits, &quarantines, &mut tabled)?;
+    for s in &tabled.seen[known..] {
+        t.tps.insert(s.tid, s.tp);
+        rec.model.add_pending_thread(s.tid);
+    }
+    if let Some(t) = rec.transition.as_mut() {
+        t.quarantine = false;
+    }
+    Ok(())
+}
+
 impl LiveBegin<'_> {
-    /// Writes the stubs (quarantine on), then in a window tracing every
-    /// thread: the `int3`s, one look at each thread (its thread pointer
-    /// into the table; a thread between instructions about to change moves
-    /// to their relocated copy), the table, the quarantine off. Returns the
-    /// threads seen. On error the code is as before.
-    fn run(&self, proc: &Process) -> Result<Vec<Seen>, Error> {
+    /// Until the jumps are complete: the stubs written with their
+    /// quarantine on; each thread stopped once on its own to put its thread
+    /// pointer in the table (nothing leads to the stubs yet, so this needs
+    /// no `int3`); then the `int3`s, and a thread found between two of the
+    /// instructions about to change moved to their relocated copy. Nothing
+    /// is traced meanwhile, so a thread meeting an `int3` costs only its
+    /// handler. On error the code is as before.
+    fn start(&self, proc: &Process) -> Result<Option<Tabled>, Error> {
         for w in self.stub_writes {
             proc.write_mem(w.addr, &w.bytes)?;
         }
         for &q in self.quarantines {
             proc.write_mem(q, &[1])?;
         }
-        let r = crate::live::Window::run(proc, |tracer| self.in_window(proc, tracer));
-        if r.is_err() {
-            crate::live::withdraw_int3(proc, self.jumps);
+        let tabled = std::cell::RefCell::new(Tabled {
+            mirror: Mirror::empty(self.bits),
+            seen: Vec::new(),
+        });
+        let threads = proc.threads()?;
+        let mut tracer = proc.tracer();
+        crate::live::look_at_each(
+            &mut tracer,
+            &threads,
+            crate::live::LetGo::Detach,
+            None,
+            &mut |_, tid, regs| self.add(proc, &mut tabled.borrow_mut(), tid, regs),
+            &mut |_, _, _| Ok(()),
+        )?;
+        drop(tracer);
+        let tabled = tabled.into_inner();
+        proc.write_mem(self.region.addr, &tabled.mirror.bytes())?;
+        crate::live::place_int3(proc, self.jumps)?;
+        let checked = crate::live::sync().and_then(|()| {
+            crate::live::check_torn(proc, self.jumps, &mut |tr, tid, regs| {
+                self.move_out(proc, tr, tid, regs)
+            })
+        });
+        match checked {
+            Ok(crate::live::Torn::Clear) => Ok(Some(tabled)),
+            Ok(crate::live::Torn::GiveUp) => {
+                crate::live::withdraw_int3(proc, self.jumps);
+                Ok(None)
+            }
+            Err(e) => {
+                crate::live::withdraw_int3(proc, self.jumps);
+                Err(e)
+            }
         }
-        r
     }
 
-    fn in_window(&self, proc: &Process, tracer: &mut Tracer<'_>) -> Result<Vec<Seen>, Error> {
-        crate::live::place_int3(proc, self.jumps)?;
-        let state = std::cell::RefCell::new((Mirror::empty(self.bits), Vec::<Seen>::new()));
-        let add = |tid: i32, regs: &libc::user_regs_struct| -> Result<(), Error> {
-            check_thread_pointer(proc, tid, regs.fs_base)?;
-            // A start (never a reversal): every thread is pending.
-            let p = true;
-            let (mirror, seen) = &mut *state.borrow_mut();
-            if p && !table_insert(&mut mirror.slots, self.bits, regs.fs_base) {
-                return Err(Error::Other(format!(
-                    "the process has more threads than suture's table holds ({})",
-                    1u64 << (self.bits - 1)
-                )));
-            }
-            seen.push(Seen {
-                tid,
-                tp: regs.fs_base,
-                pending: p,
-            });
-            Ok(())
+    /// Once the jumps are complete: [`lift_quarantine_with`].
+    fn finish(&self, proc: &Process, tabled: &mut Tabled) -> Result<(), Error> {
+        lift_quarantine_with(proc, self.region, self.bits, self.quarantines, tabled)
+    }
+
+    fn add(
+        &self,
+        proc: &Process,
+        tabled: &mut Tabled,
+        tid: Tid,
+        regs: &libc::user_regs_struct,
+    ) -> Result<(), Error> {
+        tabled.add(proc, self.bits, tid, regs)
+    }
+
+    /// A thread (stopped) found between two instructions about to change:
+    /// moved to the same instruction of their relocated copy.
+    fn move_out(
+        &self,
+        proc: &Process,
+        tr: &mut Tracer<'_>,
+        tid: Tid,
+        regs: &libc::user_regs_struct,
+    ) -> Result<(), Error> {
+        let Some(w) = self.jumps.iter().find(|w| w.tears(regs.rip)) else {
+            return Ok(());
         };
-        let mut born = |_: &mut Tracer<'_>, tid: i32, regs: &libc::user_regs_struct| add(tid, regs);
-        let mut look = |tr: &mut Tracer<'_>, tid: i32, regs: &libc::user_regs_struct| {
-            add(tid, regs)?;
-            let Some(w) = self.jumps.iter().find(|w| w.tears(regs.rip)) else {
-                return Ok(());
-            };
-            // Just past one of our int3s with its SIGTRAP not delivered
-            // yet: the handler sends it on (it never ran the instruction).
-            if regs.rip == w.addr + 1 && proc.thread_has_pending(tid, libc::SIGTRAP) {
-                return Ok(());
-            }
-            match w.redirect.iter().find(|(from, _)| *from == regs.rip) {
-                Some((_, to)) => Ok(tr.set_pc(tid, *to)?),
-                None => Err(Error::SiteBusy(format!(
-                    "thread {tid} is inside the bytes to be overwritten at {:#x} (pc {:#x}); try again",
-                    w.addr, regs.rip
-                ))),
-            }
-        };
-        crate::live::look_at_each(tracer, &mut look, &mut born)?;
-        // The table, with the threads born meanwhile (until none is).
-        loop {
-            let n = state.borrow().1.len();
-            proc.write_mem(self.region.addr, &state.borrow().0.bytes())?;
-            crate::live::drain(tracer, &mut born)?;
-            if state.borrow().1.len() == n {
-                break;
-            }
+        // Just past one of our int3s with its SIGTRAP not delivered yet:
+        // the handler sends it on (it never ran the instruction).
+        if regs.rip == w.addr + 1 && proc.thread_has_pending(tid, libc::SIGTRAP) {
+            return Ok(());
         }
-        // Every thread that existed is in the table: a thread not in it
-        // from now on is new, and starts in the target state.
-        for &q in self.quarantines {
-            proc.write_mem(q, &[0])?;
+        match w.redirect.iter().find(|(from, _)| *from == regs.rip) {
+            Some((_, to)) => Ok(tr.set_pc(tid, *to)?),
+            None => Err(Error::SiteBusy(format!(
+                "thread {tid} is inside the bytes to be overwritten at {:#x} (pc {:#x}); try again",
+                w.addr, regs.rip
+            ))),
         }
-        crate::live::drain(tracer, &mut |_, _, _| Ok(()))?;
-        Ok(state.into_inner().1)
     }
 }
 

@@ -41,9 +41,22 @@ pub fn take_hold_stats() -> HoldStats {
 /// `SUTURE_DEBUG_HOLDS=1`: every stop is also logged on stderr (what kind,
 /// how long), to see where a command's pauses come from.
 fn debug(what: std::fmt::Arguments<'_>) {
+    debug_log(format_args!("hold: {what}"));
+}
+
+/// With `SUTURE_DEBUG_HOLDS=1`: `what` on stderr, after the time of
+/// `CLOCK_MONOTONIC` in ms (to line it up with what a benchmark saw).
+pub fn debug_log(what: std::fmt::Arguments<'_>) {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     if *ON.get_or_init(|| std::env::var_os("SUTURE_DEBUG_HOLDS").is_some_and(|v| v == "1")) {
-        eprintln!("suture: hold: {what}");
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes only the timespec we pass.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        let now = ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 / 1e6;
+        eprintln!("{now:.3} suture: {what}");
     }
 }
 

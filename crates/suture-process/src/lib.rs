@@ -44,7 +44,7 @@ pub use gap::{
     USER_SPACE_END,
 };
 pub use hijack::{Hijack, DEFAULT_SYSCALL_TIMEOUT};
-pub use hold::{add_hold_stats, take_hold_stats, HoldStats};
+pub use hold::{add_hold_stats, debug_log, take_hold_stats, HoldStats};
 pub use nix::errno::Errno;
 pub use stop::StoppedProcess;
 pub use tracer::{Resume, TraceEvent, Tracer};
@@ -385,6 +385,16 @@ impl Process {
     /// e.g. the `SIGTRAP` of an `int3` it just executed, not delivered yet.
     pub fn thread_has_pending(&self, tid: Tid, sig: i32) -> bool {
         self.thread_signal_bit(tid, "SigPnd", sig)
+    }
+
+    /// The user-space pc of thread `tid` if it is asleep in the kernel now
+    /// (in a system call, a fault or a stop): it can only come back to
+    /// user space there. `None` while it runs (or is runnable), or if it is
+    /// gone. Read from `/proc/PID/task/TID/syscall`, without stopping it.
+    pub fn blocked_pc(&self, tid: Tid) -> Option<u64> {
+        let text =
+            std::fs::read_to_string(proc_path(self.pid, &format!("task/{tid}/syscall"))).ok()?;
+        procfs::syscall_pc(&text)
     }
 
     fn thread_signal_bit(&self, tid: Tid, key: &str, sig: i32) -> bool {

@@ -137,6 +137,19 @@ pub(crate) fn has_capability(status: &str, field: &str, cap: u32) -> bool {
         .is_some_and(|mask| mask & (1u64 << cap) != 0)
 }
 
+/// The user pc in the text of `/proc/PID/task/TID/syscall`: its last field
+/// (`NR args... sp pc`, or `-1 sp pc` when asleep outside a system call).
+/// `None` for `running` (the kernel shows registers only of a thread that
+/// is asleep) or an unexpected format.
+pub(crate) fn syscall_pc(text: &str) -> Option<u64> {
+    let f: Vec<&str> = text.split_whitespace().collect();
+    let nr = f.first()?.parse::<i64>().ok()?;
+    if f.len() != if nr < 0 { 3 } else { 9 } {
+        return None;
+    }
+    u64::from_str_radix(f.last()?.strip_prefix("0x")?, 16).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,6 +200,18 @@ mod tests {
         .unwrap();
         assert_eq!(vdso.path.as_deref(), Some("[vdso]"));
         assert!(parse_maps_line("garbage").is_none());
+    }
+
+    #[test]
+    fn syscall_pc_of_each_form() {
+        assert_eq!(syscall_pc("running\n"), None);
+        assert_eq!(syscall_pc("-1 0x7ffd1000 0x401136\n"), Some(0x401136));
+        assert_eq!(
+            syscall_pc("230 0x1 0x0 0x7ffc 0x0 0x0 0x0 0x7ffd2000 0x7f00deadbeef\n"),
+            Some(0x7f00_dead_beef)
+        );
+        assert_eq!(syscall_pc("230 0x1 0x401136\n"), None);
+        assert_eq!(syscall_pc(""), None);
     }
 
     #[test]
