@@ -32,8 +32,9 @@
 //!
 //! Not used (the whole-process stop is) when the target handles or ignores
 //! `SIGTRAP` itself, when a thread blocks it (the kernel would then kill
-//! the process on the `int3`), or without `membarrier`, and unless
-//! `SUTURE_LIVE_WRITE=1` (opt-in for now, see [`disabled`]).
+//! the process on the `int3`), or without `membarrier`, for a start that
+//! replaces the first instructions of more than [`TEARING_MAX`] functions
+//! at once, and with `SUTURE_LIVE_WRITE=0`.
 
 use crate::memory::{self, PAGE, PROT_RW, PROT_RX};
 use crate::record::{Record, Region, TrapRecord};
@@ -56,12 +57,26 @@ const HIJACK_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long one thread may take to stop for its look in a [`Window`].
 const THREAD_STOP: Duration = Duration::from_millis(500);
 
-/// Live writes are opt-in (`SUTURE_LIVE_WRITE=1`) for now: with hundreds
-/// of threads they made a transition several times slower (every thread
-/// traced in the window pays a ptrace round trip per `int3` it meets), so
-/// the whole-process stop stays the default until that is fixed.
+/// Live writes are the default; `SUTURE_LIVE_WRITE=0` turns them off (the
+/// whole-process stop of `write.rs` then writes every jump).
 fn disabled() -> bool {
-    std::env::var_os("SUTURE_LIVE_WRITE").is_none_or(|v| v != "1")
+    std::env::var_os("SUTURE_LIVE_WRITE").is_some_and(|v| v == "0")
+}
+
+/// Most writes that replace several instructions one live write takes on.
+/// Their `int3`s stay in place while the running threads are checked, and
+/// meanwhile every call of those functions pays a signal: with hundreds of
+/// busy functions the target saturates, its threads are slow to stop, and
+/// the whole-process stop is quicker (see BENCHMARKS.md, scale).
+pub const TEARING_MAX: usize = 64;
+
+/// Whether `writes` suit a live write (see [`TEARING_MAX`]).
+pub fn suits(writes: &[CodeWrite]) -> bool {
+    writes
+        .iter()
+        .filter(|w| !inner_starts(w).is_empty())
+        .count()
+        <= TEARING_MAX
 }
 
 /// `SUTURE_DEBUG_HOLDS=1`: how long each step of a live write took.
@@ -101,7 +116,7 @@ fn prepare_inner(proc: &Process, rec: &mut Record) -> Result<Option<TrapLayout>,
         // Mapped by an older suture, without room for the undo log.
         return Ok(None);
     }
-    let ready = rec.trap.as_ref().is_some_and(|t| t.barrier);
+    let ready = rec.trap.as_ref().is_some_and(|t| t.barrier && t.verified);
     if caught && ready {
         return Ok(rec.trap.as_ref().map(layout));
     }
@@ -128,13 +143,26 @@ fn prepare_inner(proc: &Process, rec: &mut Record) -> Result<Option<TrapLayout>,
                     handler,
                     capacity: CAPACITY,
                     barrier: false,
+                    verified: false,
                 };
                 rec.trap = Some(t.clone());
                 t
             }
         };
         let l = layout(&t);
-        if !caught {
+        if caught {
+            // Ours, unless the program installed its own since: then its
+            // handler would get our int3s.
+            let scratch = t.region.addr;
+            proc.write_mem(scratch + 64, &[0; 32])?;
+            h.syscall(
+                libc::SYS_rt_sigaction,
+                [SIGTRAP as u64, 0, scratch + 64, 8, 0, 0],
+            )?;
+            if proc.read_mem(scratch + 64, 8)? != l.handler.to_le_bytes() {
+                return Ok(None);
+            }
+        } else {
             // struct kernel_sigaction { handler, flags, restorer, mask },
             // the old one read back just after it.
             let scratch = t.region.addr;
@@ -172,6 +200,9 @@ fn prepare_inner(proc: &Process, rec: &mut Record) -> Result<Option<TrapLayout>,
             if let Some(t) = rec.trap.as_mut() {
                 t.barrier = true;
             }
+        }
+        if let Some(t) = rec.trap.as_mut() {
+            t.verified = true;
         }
         Ok(Some(l))
     })();
@@ -444,8 +475,9 @@ pub enum LetGo {
     Detach,
 }
 
-/// Each of `threads` stopped once, on its own (the next one asked ahead),
-/// given to `look` with its registers, then let go as `let_go` says; a
+/// Each of `threads` stopped once, on its own (the next `ahead` ones asked
+/// to stop meanwhile, so that their waits for a core overlap), given to
+/// `look` with its registers, then let go as `let_go` says; a
 /// thread that does not stop by `deadline` (or within [`THREAD_STOP`]) is
 /// an [`suture_process::Error::Timeout`].
 /// With [`LetGo::Resume`], threads born meanwhile are given to `born` (held
@@ -454,12 +486,16 @@ pub fn look_at_each(
     tracer: &mut Tracer<'_>,
     threads: &[Tid],
     let_go: LetGo,
+    ahead: usize,
     deadline: Option<Instant>,
     look: &mut dyn FnMut(&mut Tracer<'_>, Tid, &libc::user_regs_struct) -> Result<(), Error>,
     born: &mut dyn FnMut(&mut Tracer<'_>, Tid, &libc::user_regs_struct) -> Result<(), Error>,
 ) -> Result<(), Error> {
+    for &t in threads.iter().skip(1).take(ahead) {
+        let _ = tracer.request_stop(t);
+    }
     for (i, &tid) in threads.iter().enumerate() {
-        if let Some(&next) = threads.get(i + 1) {
+        if let Some(&next) = threads.get(i + ahead).filter(|_| i > 0) {
             let _ = tracer.request_stop(next);
         }
         let timeout = deadline.map_or(THREAD_STOP, |d| {
@@ -490,8 +526,16 @@ pub fn look_at_each(
     Ok(())
 }
 
-/// How long [`check_torn`] may take before the live write is given up.
+/// How long [`check_torn`] may take before the live write is given up
+/// (`SUTURE_LIVE_CHECK_MS` sets another budget).
 const TORN_BUDGET: Duration = Duration::from_millis(100);
+
+fn torn_budget() -> Duration {
+    std::env::var("SUTURE_LIVE_CHECK_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(TORN_BUDGET, Duration::from_millis)
+}
 
 /// The outcome of [`check_torn`].
 #[derive(Debug, PartialEq, Eq)]
@@ -557,11 +601,14 @@ pub fn check_torn(
             Ok(())
         }
     };
+    // Every running thread asked at once: their `int3`s are in place, so
+    // the check is over sooner, and each is let go as soon as it is seen.
     let r = look_at_each(
         &mut tracer,
         &running,
         LetGo::Detach,
-        Some(t0 + TORN_BUDGET),
+        running.len(),
+        Some(t0 + torn_budget()),
         &mut look,
         &mut |_, _, _| Ok(()),
     );

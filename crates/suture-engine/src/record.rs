@@ -226,6 +226,10 @@ pub struct TrapRecord {
     /// suture then issues itself to serialize its cores (see `live.rs`).
     #[serde(default)]
     pub barrier: bool,
+    /// This command found the handler installed for `SIGTRAP` to be ours
+    /// (never stored: the program may install its own between commands).
+    #[serde(skip)]
+    pub verified: bool,
 }
 
 impl Record {

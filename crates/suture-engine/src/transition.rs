@@ -224,7 +224,7 @@ pub fn begin(
         stubs.insert(addr, s);
     }
     let (jumps, sites) = site_writes(&rec.sites)?;
-    if let Some(l) = live {
+    if let Some(l) = live.filter(|_| crate::live::suits(&jumps)) {
         if crate::live::set_table(proc, l, &jumps)? {
             let live_begin = LiveBegin {
                 region: &region,
@@ -429,6 +429,7 @@ fn lift_quarantine_with(
             tracer,
             &fresh,
             crate::live::LetGo::Resume,
+            1,
             None,
             &mut |_, tid, regs| add(tid, regs),
             &mut born,
@@ -487,35 +488,47 @@ pub fn lift_quarantine(proc: &Process, rec: &mut Record) -> Result<(), Error> {
 }
 
 impl LiveBegin<'_> {
-    /// Until the jumps are complete: the stubs written with their
-    /// quarantine on; each thread stopped once on its own to put its thread
-    /// pointer in the table (nothing leads to the stubs yet, so this needs
-    /// no `int3`); then the `int3`s, and a thread found between two of the
+    /// Until the jumps are complete: each thread stopped once on its own to
+    /// put its thread pointer in the table (nothing leads to the stubs yet,
+    /// so this needs no `int3`); the stubs written with their quarantine
+    /// on; then the `int3`s, and a thread found between two of the
     /// instructions about to change moved to their relocated copy. Nothing
     /// is traced meanwhile, so a thread meeting an `int3` costs only its
     /// handler. On error the code is as before.
     fn start(&self, proc: &Process) -> Result<Option<Tabled>, Error> {
-        for w in self.stub_writes {
-            proc.write_mem(w.addr, &w.bytes)?;
-        }
-        for &q in self.quarantines {
-            proc.write_mem(q, &[1])?;
-        }
         let tabled = std::cell::RefCell::new(Tabled {
             mirror: Mirror::empty(self.bits),
             seen: Vec::new(),
         });
         let threads = proc.threads()?;
         let mut tracer = proc.tracer();
+        // A thread still inside a stub of an earlier transition of the
+        // same site (stopped there, say, since then) must not see it
+        // rewritten: the whole-process stop waits for it to leave. No path
+        // leads into those stubs any more, so one look suffices.
+        let mut inside_stub = false;
         crate::live::look_at_each(
             &mut tracer,
             &threads,
             crate::live::LetGo::Detach,
+            1,
             None,
-            &mut |_, tid, regs| self.add(proc, &mut tabled.borrow_mut(), tid, regs),
+            &mut |_, tid, regs| {
+                inside_stub |= self.stub_writes.iter().any(|w| w.tears(regs.rip));
+                self.add(proc, &mut tabled.borrow_mut(), tid, regs)
+            },
             &mut |_, _, _| Ok(()),
         )?;
         drop(tracer);
+        if inside_stub {
+            return Ok(None);
+        }
+        for w in self.stub_writes {
+            proc.write_mem(w.addr, &w.bytes)?;
+        }
+        for &q in self.quarantines {
+            proc.write_mem(q, &[1])?;
+        }
         let tabled = tabled.into_inner();
         proc.write_mem(self.region.addr, &tabled.mirror.bytes())?;
         crate::live::place_int3(proc, self.jumps)?;

@@ -413,8 +413,10 @@ fn endbr64_stays_in_place() {
 
 #[test]
 fn apply_and_disable_report_how_long_they_held_the_target() {
-    // Live writes (opt-in): no thread is ever stopped with the others.
-    let live = [("SUTURE_LIVE_WRITE", "1")];
+    // Live writes (the default): no thread is ever stopped with the others.
+    // (The check of the running threads may take its time on a loaded
+    // machine: without this, past 100 ms it would give up for a stop.)
+    let live = [("SUTURE_LIVE_CHECK_MS", "60000")];
     let mut t = Target::standard("target");
     let threads = std::fs::read_dir(format!("/proc/{}/task", t.pid))
         .unwrap()
@@ -448,9 +450,8 @@ fn apply_and_disable_report_how_long_they_held_the_target() {
     );
 }
 
-/// By default (live writes are opt-in), and where an int3 could kill the
-/// target (a thread blocks SIGTRAP), the jumps are written in one
-/// whole-process stop.
+/// With live writes turned off, and where an int3 could kill the target (a
+/// thread blocks SIGTRAP), the jumps are written in one whole-process stop.
 fn whole_stop_fallback(t: &mut Target, env: &[(&str, &str)]) {
     let threads = std::fs::read_dir(format!("/proc/{}/task", t.pid))
         .unwrap()
@@ -478,17 +479,34 @@ fn whole_stop_fallback(t: &mut Target, env: &[(&str, &str)]) {
 }
 
 #[test]
-fn whole_process_stop_by_default_and_when_a_thread_blocks_sigtrap() {
-    // The default for now (live writes are opt-in).
+fn whole_process_stop_when_turned_off_and_when_a_thread_blocks_sigtrap() {
     let mut t = Target::standard("target");
-    whole_stop_fallback(&mut t, &[]);
+    whole_stop_fallback(&mut t, &[("SUTURE_LIVE_WRITE", "0")]);
     let lib = fixture("libfixture.so");
     let mut t = Target::start_env(
         "target",
         &[lib.to_str().unwrap()],
         &[("BLOCK_SIGTRAP", "1")],
     );
-    whole_stop_fallback(&mut t, &[("SUTURE_LIVE_WRITE", "1")]);
+    whole_stop_fallback(&mut t, &[]);
     let maps = std::fs::read_to_string(format!("/proc/{}/maps", t.pid)).unwrap();
     assert!(!maps.contains("suture-trap"), "no handler installed");
+}
+
+#[test]
+fn a_sigtrap_handler_the_program_installs_later_is_never_sent_our_int3s() {
+    let live = [("SUTURE_LIVE_CHECK_MS", "60000")];
+    let mut t = Target::standard("target");
+    // Live: suture's handler goes in.
+    ok_env(&["apply", &pid(&t), &f("static.o")], &live);
+    ok_env(&["disable", &pid(&t), "static"], &live);
+    assert_eq!(t.ask("t").trim(), "ok");
+    // Now the program's own handler is installed: suture notices that it
+    // is not its own and writes in a whole-process stop.
+    whole_stop_fallback(&mut t, &live);
+    assert_eq!(
+        t.ask("T").trim(),
+        "0",
+        "the program's handler got none of our int3s"
+    );
 }
