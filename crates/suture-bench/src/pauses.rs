@@ -495,20 +495,23 @@ impl Results {
             if !rs.is_empty() && over(rs, |r| r.patch.max_us).0 > TARGET_PAUSE_US {
                 let _ = writeln!(
                     m,
-                    "Why the 200 µs target is missed at {n} threads. suture no longer stops the whole process \
+                    "Why the 200 µs target is missed at {n} threads. suture does not stop the whole process \
                      (the \"all stopped at once\" and \"whole stop\" columns are 0 where its live writes are used): \
                      a transition's start and completion write their jumps `int3` first while every thread runs, \
-                     with suture's `SIGTRAP` handler in the target sending on a thread that meets one (`live.rs` in \
-                     ARCHITECTURE.md). Each thread is stopped only on its own: once to enter the pending table, \
-                     once for its stack check, and one sleeping thread now and then is borrowed for system calls \
-                     (mapping the patch, the `membarrier` of a write). The longest of those stops, as suture times it \
-                     from the interrupt to the release, is {} µs here (\"suture: longest single-thread stop\"; the \
-                     borrowed thread's stops are the long ones: each injected system call costs several ptrace round \
-                     trips). On top of that a thread released on 2 loaded cores waits to be scheduled again: the \
-                     same-run baseline, with nothing happening, already has gaps of {} µs. What would close the rest: \
-                     fewer injected system calls per command (one mapping for the image, its slots and its table), \
-                     and looking at each thread without stopping it where the kernel can tell (a thread blocked in a \
-                     system call, from `/proc/PID/task/TID/syscall`).\n",
+                     with suture's `SIGTRAP` handler in the target sending on a thread that meets one, and the cores \
+                     serialized by a `membarrier` suture issues itself (`live.rs` in ARCHITECTURE.md). Each thread is \
+                     stopped only on its own: once to enter the pending table, once for its stack check, once more if \
+                     it is running while the `int3`s are in place and the patch replaces several instructions of a \
+                     function (to see that it is not between them), and one sleeping thread now and then is borrowed \
+                     for system calls (mapping the patch; once per process, installing the handler). The longest of \
+                     those stops, as suture times it from the interrupt to the release, is {} µs here (\"suture: \
+                     longest single-thread stop\"; the borrowed thread's are the long ones: each injected system call \
+                     costs several ptrace round trips, and the first command's `membarrier` registration waits for \
+                     the kernel). On top of that a thread released on 2 loaded cores waits to be scheduled again: \
+                     the same-run baseline, with nothing happening, already has gaps of {} µs. What would close the \
+                     rest: fewer injected system calls per command (one mapping for the image, its slots and its \
+                     table), and not stopping a thread to learn its thread pointer when an earlier command already \
+                     did (it never changes).\n",
                     fmt3(over(rs, |r| r.held_thread_us)),
                     fmt3(over(rs, |r| r.base.max_us)),
                 );

@@ -441,6 +441,10 @@ impl Results {
             }
             let _ = writeln!(m);
         }
+        let _ = writeln!(
+            m,
+            "How the code is written here (see `live.rs` in ARCHITECTURE.md): with 1 and 10 functions, `apply` and `disable` write their jumps while every thread runs (`int3` first, no thread stopped with the others); with 100 and 1,000 functions, each code write changes more than 64 places (`LIVE_MAX`), whose `int3`s would make every thread's loop take a signal per function while they are in place, so they are written in whole-process stops.\n"
+        );
         let _ = writeln!(m, "### Targets\n\n| target | figure | met |\n|---|---|---|");
         for (t, f, met) in self.targets() {
             let _ = writeln!(m, "| {t} | {f} | {} |", if met { "yes" } else { "**no**" });

@@ -424,6 +424,13 @@ impl Results {
             self.rounds.iter().map(|r| r.patch.failed).sum::<usize>(),
             if ratio.0 <= TARGET_P999_RATIO { "yes" } else { "**no**" }
         );
+        if ratio.0 > TARGET_P999_RATIO {
+            let _ = writeln!(
+                m,
+                "Why it is missed, and what would close it: at {} requests/s a window holds a few thousand requests, so p99.9 is about its third slowest, and three requests delayed by a millisecond are enough. No worker thread is ever stopped with the others (live writes), but each is stopped on its own a few times per command (to enter the pending table, for its stack check, at the completion), 50 to 200 µs each plus its wait to be scheduled again on 2 cores shared with the load generator; and the slowest requests (`SUTURE_BENCH_DEBUG=1` lists them, on the clock of suture's `SUTURE_DEBUG_HOLDS=1` lines) also fall where suture holds no thread at all: suture's own CPU time (about 0.2 s per command) competes with the service for the 2 cores. Closing it: fewer stops per thread (a thread's pointer never changes, so a thread an earlier command saw need not be stopped to enter the table), and checking sleeping threads from `/proc` without stopping them.\n",
+                self.rate
+            );
+        }
         m
     }
 }

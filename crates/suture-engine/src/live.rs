@@ -32,9 +32,8 @@
 //!
 //! Not used (the whole-process stop is) when the target handles or ignores
 //! `SIGTRAP` itself, when a thread blocks it (the kernel would then kill
-//! the process on the `int3`), or without `membarrier`, for a start that
-//! replaces the first instructions of more than [`TEARING_MAX`] functions
-//! at once, and with `SUTURE_LIVE_WRITE=0`.
+//! the process on the `int3`), or without `membarrier`, for more than
+//! [`LIVE_MAX`] writes at once, and with `SUTURE_LIVE_WRITE=0`.
 
 use crate::memory::{self, PAGE, PROT_RW, PROT_RX};
 use crate::record::{Record, Region, TrapRecord};
@@ -63,20 +62,18 @@ fn disabled() -> bool {
     std::env::var_os("SUTURE_LIVE_WRITE").is_some_and(|v| v == "0")
 }
 
-/// Most writes that replace several instructions one live write takes on.
-/// Their `int3`s stay in place while the running threads are checked, and
-/// meanwhile every call of those functions pays a signal: with hundreds of
-/// busy functions the target saturates, its threads are slow to stop, and
-/// the whole-process stop is quicker (see BENCHMARKS.md, scale).
-pub const TEARING_MAX: usize = 64;
+/// Most code writes (sites and direct calls) one live write takes on. Its
+/// `int3`s stay in place for a few system calls per write (and, at a
+/// start, while the running threads are checked), and meanwhile every call
+/// of those functions pays a signal: with hundreds of busy functions the
+/// target saturates, its threads are slow to stop, and the whole-process
+/// stop is quicker (see BENCHMARKS.md, scale). Security fixes change a few
+/// functions.
+pub const LIVE_MAX: usize = 64;
 
-/// Whether `writes` suit a live write (see [`TEARING_MAX`]).
+/// Whether `writes` suit a live write (see [`LIVE_MAX`]).
 pub fn suits(writes: &[CodeWrite]) -> bool {
-    writes
-        .iter()
-        .filter(|w| !inner_starts(w).is_empty())
-        .count()
-        <= TEARING_MAX
+    writes.len() <= LIVE_MAX
 }
 
 /// `SUTURE_DEBUG_HOLDS=1`: how long each step of a live write took.

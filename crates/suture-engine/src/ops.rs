@@ -1297,7 +1297,7 @@ pub(crate) fn finish(s: &mut Session, forced: bool) -> Result<Option<Finished>, 
     let writes = site_writes(&s.proc, &mut sites, &before, &after)?;
     let mut orphans: Vec<(i32, u64)> = Vec::new();
     let live = crate::live::prepare(&s.proc, &mut s.rec)?;
-    let live_done = match live {
+    let live_done = match live.filter(|_| crate::live::suits(&writes)) {
         Some(l) if crate::live::set_table(&s.proc, &l, &writes)? => {
             orphans = finish_live(&s.proc, &t, &mirror, forced, &writes)?;
             if !forced && !orphans.is_empty() {
