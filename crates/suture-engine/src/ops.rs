@@ -1385,25 +1385,25 @@ fn finish_live(
                 switch(regs.fs_base)
             };
         let mut orphans = Vec::new();
-        for tid in tracer.traced() {
-            if t.tps.contains_key(&tid) {
-                continue;
-            }
-            let regs = match tracer.stop(tid, Duration::from_millis(500)) {
-                Ok(r) => r,
-                Err(suture_process::Error::ThreadExited { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            };
-            if mirror.contains(regs.fs_base) {
-                orphans.push((tid, regs.fs_base));
-            }
-            match tracer.resume(tid, suture_process::Resume::Run) {
-                Ok(()) | Err(suture_process::Error::ThreadExited { .. }) => {}
-                Err(e) => return Err(e.into()),
-            }
-            crate::live::drain(tracer, &mut born)?;
-        }
-        crate::live::drain(tracer, &mut born)?;
+        let unknown: Vec<i32> = tracer
+            .traced()
+            .into_iter()
+            .filter(|tid| !t.tps.contains_key(tid))
+            .collect();
+        crate::live::look_at_each(
+            tracer,
+            &unknown,
+            crate::live::LetGo::Resume,
+            1,
+            None,
+            &mut |_, tid, regs| {
+                if mirror.contains(regs.fs_base) {
+                    orphans.push((tid, regs.fs_base));
+                }
+                Ok(())
+            },
+            &mut born,
+        )?;
         if !forced && !orphans.is_empty() {
             return Ok(orphans);
         }

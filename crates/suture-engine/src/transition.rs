@@ -224,6 +224,9 @@ pub fn begin(
         stubs.insert(addr, s);
     }
     let (jumps, sites) = site_writes(&rec.sites)?;
+    let after = |rec: &Record, model: &Model, seen: &[Seen]| {
+        after_begin(rec, model, seen, &sites, &region, bits, &stubs, started)
+    };
     if let Some(l) = live.filter(|_| crate::live::suits(&jumps)) {
         if crate::live::set_table(proc, l, &jumps)? {
             let live_begin = LiveBegin {
@@ -236,16 +239,7 @@ pub fn begin(
             // `None`: a thread inside the bytes to change did not stop in
             // time; the whole-process stop below waits for it.
             if let Some(mut tabled) = live_begin.start(proc)? {
-                let (mut r, m) = after_begin(
-                    rec,
-                    model,
-                    &tabled.seen,
-                    &sites,
-                    &region,
-                    bits,
-                    &stubs,
-                    started,
-                );
+                let (mut r, m) = after(rec, model, &tabled.seen);
                 // Until `finish` lifts it (a later command does if we die).
                 if let Some(t) = r.transition.as_mut() {
                     t.quarantine = true;
@@ -259,16 +253,7 @@ pub fn begin(
                     crate::live::undo(proc, &jumps);
                     return Err(e);
                 }
-                let (r, m) = after_begin(
-                    rec,
-                    model,
-                    &tabled.seen,
-                    &sites,
-                    &region,
-                    bits,
-                    &stubs,
-                    started,
-                );
+                let (r, m) = after(rec, model, &tabled.seen);
                 *rec = r;
                 *model = m;
                 return Ok(());
@@ -310,9 +295,6 @@ pub fn begin(
         writes.extend(stub_writes.iter().cloned());
         writes.extend(jumps.iter().cloned());
         Ok(Some(writes))
-    };
-    let after = |rec: &Record, model: &Model, seen: &[Seen]| {
-        after_begin(rec, model, seen, &sites, &region, bits, &stubs, started)
     };
     {
         let (rec_now, model_now) = (&*rec, &*model);
