@@ -540,8 +540,8 @@ pub enum Torn {
     /// No thread is between two of the instructions about to change.
     Clear,
     /// Not settled within [`TORN_BUDGET`] (threads too slow to stop, or
-    /// one inside the bytes that cannot be moved): take the `int3`s back
-    /// and use the whole-process stop, which waits for such a thread.
+    /// one inside the bytes that cannot be moved): the `int3`s were taken
+    /// back; use the whole-process stop, which waits for such a thread.
     GiveUp,
 }
 
@@ -612,6 +612,9 @@ pub fn check_torn(
     match r {
         Ok(()) => Ok(Torn::Clear),
         Err(Error::SiteBusy(_)) | Err(Error::Process(suture_process::Error::Timeout { .. })) => {
+            // Taken back before the threads still asked to stop are let go
+            // (each as it stops): meanwhile calls would still trap.
+            withdraw_int3(proc, writes);
             Ok(Torn::GiveUp)
         }
         Err(e) => Err(e),

@@ -521,10 +521,7 @@ impl LiveBegin<'_> {
         });
         match checked {
             Ok(crate::live::Torn::Clear) => Ok(Some(tabled)),
-            Ok(crate::live::Torn::GiveUp) => {
-                crate::live::withdraw_int3(proc, self.jumps);
-                Ok(None)
-            }
+            Ok(crate::live::Torn::GiveUp) => Ok(None),
             Err(e) => {
                 crate::live::withdraw_int3(proc, self.jumps);
                 Err(e)
