@@ -263,30 +263,20 @@ pub fn begin(
     let old_table = proc.read_mem(region.addr, 8 << bits)?;
     let seen_cell: std::cell::RefCell<Vec<Seen>> = Default::default();
     let mut make = |stopped: &suture_process::StoppedProcess<'_>| {
-        let mut seen = seen_cell.borrow_mut();
-        seen.clear();
-        let mut mirror = Mirror::empty(bits);
+        let mut tabled = Tabled {
+            mirror: Mirror::empty(bits),
+            seen: Vec::new(),
+        };
         for tid in stopped.threads() {
             let Some(regs) = stopped.regs(tid) else {
                 continue;
             };
-            check_thread_pointer(proc, tid, regs.fs_base)?;
-            let p = pending(regs.fs_base);
-            if p && !table_insert(&mut mirror.slots, bits, regs.fs_base) {
-                return Err(Error::Other(format!(
-                    "the process has more threads than suture's table holds ({})",
-                    1u64 << (bits - 1)
-                )));
-            }
-            seen.push(Seen {
-                tid,
-                tp: regs.fs_base,
-                pending: p,
-            });
+            tabled.add(proc, bits, tid, regs.fs_base, pending(regs.fs_base))?;
         }
+        *seen_cell.borrow_mut() = tabled.seen;
         let mut writes = vec![CodeWrite {
             addr: region.addr,
-            bytes: mirror.bytes(),
+            bytes: tabled.mirror.bytes(),
             old: old_table.clone(),
             guard_len: 0,
             redirect: Vec::new(),
@@ -356,27 +346,24 @@ struct Tabled {
 }
 
 impl Tabled {
-    /// A thread into the table: a start (never a reversal), so every
-    /// thread that existed before is pending.
+    /// A thread into the table if it is `pending` (at a start every thread
+    /// that existed before is), and into the threads seen.
     fn add(
         &mut self,
         proc: &Process,
         bits: u32,
         tid: Tid,
-        regs: &libc::user_regs_struct,
+        tp: u64,
+        pending: bool,
     ) -> Result<(), Error> {
-        check_thread_pointer(proc, tid, regs.fs_base)?;
-        if !table_insert(&mut self.mirror.slots, bits, regs.fs_base) {
+        check_thread_pointer(proc, tid, tp)?;
+        if pending && !table_insert(&mut self.mirror.slots, bits, tp) {
             return Err(Error::Other(format!(
                 "the process has more threads than suture's table holds ({})",
                 1u64 << (bits - 1)
             )));
         }
-        self.seen.push(Seen {
-            tid,
-            tp: regs.fs_base,
-            pending: true,
-        });
+        self.seen.push(Seen { tid, tp, pending });
         Ok(())
     }
 }
@@ -398,7 +385,7 @@ fn lift_quarantine_with(
     crate::live::Window::run(proc, |tracer| {
         let tabled = std::cell::RefCell::new(tabled);
         let add = |tid: Tid, regs: &libc::user_regs_struct| {
-            tabled.borrow_mut().add(proc, bits, tid, regs)
+            tabled.borrow_mut().add(proc, bits, tid, regs.fs_base, true)
         };
         let known: BTreeSet<Tid> = tabled.borrow().seen.iter().map(|s| s.tid).collect();
         let fresh: Vec<Tid> = tracer
@@ -497,7 +484,9 @@ impl LiveBegin<'_> {
             None,
             &mut |_, tid, regs| {
                 inside_stub |= self.stub_writes.iter().any(|w| w.tears(regs.rip));
-                self.add(proc, &mut tabled.borrow_mut(), tid, regs)
+                tabled
+                    .borrow_mut()
+                    .add(proc, self.bits, tid, regs.fs_base, true)
             },
             &mut |_, _, _| Ok(()),
         )?;
@@ -532,16 +521,6 @@ impl LiveBegin<'_> {
     /// Once the jumps are complete: [`lift_quarantine_with`].
     fn finish(&self, proc: &Process, tabled: &mut Tabled) -> Result<(), Error> {
         lift_quarantine_with(proc, self.region, self.bits, self.quarantines, tabled)
-    }
-
-    fn add(
-        &self,
-        proc: &Process,
-        tabled: &mut Tabled,
-        tid: Tid,
-        regs: &libc::user_regs_struct,
-    ) -> Result<(), Error> {
-        tabled.add(proc, self.bits, tid, regs)
     }
 
     /// A thread (stopped) found between two instructions about to change:
