@@ -30,6 +30,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 mod boost;
+mod exec_watch;
 mod gap;
 mod hijack;
 mod hold;
@@ -562,10 +563,7 @@ impl Process {
 
     fn already_traced(&self, tracer: Tid) -> Error {
         // TracerPid is the tracing *thread*; name its process.
-        let tgid = fs::read_to_string(format!("/proc/{tracer}/status"))
-            .ok()
-            .and_then(|s| procfs::status_field(&s, "Tgid").and_then(|t| t.parse().ok()))
-            .unwrap_or(tracer);
+        let tgid = procfs::tgid_of(tracer).unwrap_or(tracer);
         let mut tracer_name = fs::read_to_string(format!("/proc/{tgid}/comm"))
             .map(|s| s.trim_end().to_string())
             .unwrap_or_else(|_| "an unknown process".to_string());

@@ -72,6 +72,12 @@ pub(crate) fn status_field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
     })
 }
 
+/// The process (thread group) thread `tid` belongs to, from `/proc/TID/status`.
+pub(crate) fn tgid_of(tid: Tid) -> Option<i32> {
+    let status = fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    status_field(&status, "Tgid")?.parse().ok()
+}
+
 /// First number of a `status` field (e.g. the real uid of `Uid:`), or all of them.
 pub(crate) fn status_numbers(status: &str, key: &str) -> Vec<u64> {
     status_field(status, key)

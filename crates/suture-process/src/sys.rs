@@ -165,7 +165,7 @@ thread_local! {
 
 /// Blocks `SIGCHLD` in the calling thread (once), so that it stays pending
 /// for [`wait_sigchld`] instead of being discarded.
-fn block_sigchld() {
+pub(crate) fn block_sigchld() {
     SIGCHLD_BLOCKED.with(|b| {
         if !b.get() {
             let set = sigchld_set();
@@ -214,27 +214,49 @@ fn request(req: libc::c_uint, tid: Tid, data: usize) -> nix::Result<()> {
 }
 
 pub(crate) fn seize(tid: Tid, trace_clone: bool) -> nix::Result<()> {
-    // Deliberately never PTRACE_O_EXITKILL: if we die, the target lives on.
     let opts = if trace_clone {
         ptrace::Options::PTRACE_O_TRACECLONE
     } else {
         ptrace::Options::empty()
     };
-    ptrace::seize(pid(tid), opts)
+    seize_with(tid, opts)
+}
+
+/// Every `PTRACE_SEIZE` goes through here: under the exec watchdog
+/// ([`crate::exec_watch`]), and deliberately never with
+/// `PTRACE_O_EXITKILL`: if we die, the target lives on.
+fn seize_with(tid: Tid, opts: ptrace::Options) -> nix::Result<()> {
+    crate::exec_watch::seize_watched(tid, || ptrace::seize(pid(tid), opts))
+}
+
+/// Reaps `tid` if it is an exited tracee of ours; never consumes a stop
+/// report (`WEXITED` only). Whether it was reaped.
+pub(crate) fn reap_if_exited(tid: Tid) -> bool {
+    // SAFETY: waitid writes only the siginfo we pass.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        let r = libc::waitid(
+            libc::P_PID,
+            tid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::__WALL,
+        );
+        r == 0 && info.si_pid() != 0
+    }
 }
 
 /// Seizes with `PTRACE_O_TRACESYSGOOD` only: system-call stops are then
 /// told apart from a real `SIGTRAP` ([`SYSCALL_STOP`]); threads the tracee
 /// creates stay untraced.
 pub(crate) fn seize_tracesysgood(tid: Tid) -> nix::Result<()> {
-    ptrace::seize(pid(tid), ptrace::Options::PTRACE_O_TRACESYSGOOD)
+    seize_with(tid, ptrace::Options::PTRACE_O_TRACESYSGOOD)
 }
 
 /// Like [`seize_tracesysgood`], with `PTRACE_O_TRACECLONE`: threads the
 /// tracee creates are traced from birth.
 pub(crate) fn seize_tracesysgood_clone(tid: Tid) -> nix::Result<()> {
-    ptrace::seize(
-        pid(tid),
+    seize_with(
+        tid,
         ptrace::Options::PTRACE_O_TRACESYSGOOD | ptrace::Options::PTRACE_O_TRACECLONE,
     )
 }

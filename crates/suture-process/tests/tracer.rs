@@ -785,3 +785,60 @@ fn tracer_killed_at_any_moment_leaves_the_target_running() {
     t.target.expect("pipe got abc");
     t.target.assert_no_stop_reported();
 }
+
+/// An exec waits for every killed thread we trace to be reaped, while it
+/// holds the mutex `PTRACE_SEIZE` needs: seizing another thread then would
+/// wait forever for an exec that waits for us. The exec watchdog reaps our
+/// exited tracees meanwhile, so the seize returns.
+#[test]
+fn a_seize_during_an_exec_that_waits_for_our_tracee_does_not_deadlock() {
+    let mut t = Tracee::start();
+    let (pid, signalled, execer) = (t.pid(), t.signalled, t.execer);
+    let (held_tx, held_rx) = mpsc::channel();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let (seized_tx, seized_rx) = mpsc::channel();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let process = Process::open(pid).unwrap();
+            let mut tracer = process.tracer();
+            tracer.stop(signalled, T).unwrap();
+            held_tx.send(()).unwrap();
+            go_rx.recv().unwrap();
+            // The exec'ing thread is the one still alive.
+            let seized = tracer.stop(execer, T);
+            seized_tx
+                .send(seized.map(drop).map_err(|e| e.to_string()))
+                .unwrap();
+            // The reaped thread reads as gone; nothing stays traced.
+            wait_for("the tracer to let go of everything", || {
+                let _ = tracer.next_event(Duration::from_millis(10));
+                tracer.traced().is_empty().then_some(())
+            });
+        });
+        held_rx.recv().unwrap();
+        t.target.send("exec");
+        // Only the exec kills the held thread: it is now a zombie that the
+        // exec waits for, with the mutex held.
+        t.target.wait_thread_state(signalled, 'Z');
+        go_tx.send(()).unwrap();
+        let seized = match seized_rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(seized) => seized,
+            Err(_) => {
+                // Ends the deadlock (the exec is killable) before failing.
+                // SAFETY: kill takes plain integers.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                panic!("PTRACE_SEIZE deadlocked with the exec");
+            }
+        };
+        // The exec'ing thread took over the leader's id: its own is gone.
+        assert!(seized.is_err(), "{seized:?}");
+    });
+    loop {
+        if t.target.next_line().expect("output of the new program") == "execed" {
+            break;
+        }
+    }
+    t.target.send("ping");
+    t.target.expect("pong execed");
+    t.assert_untraced();
+}

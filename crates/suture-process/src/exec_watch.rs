@@ -1,0 +1,128 @@
+//! Keeps a `PTRACE_SEIZE` from deadlocking with an `execve` in the target.
+//!
+//! An exec first kills every other thread of the process and waits until
+//! each is released (`de_thread`). A killed thread that we trace is only
+//! released when we reap it. All the while the exec holds the process's
+//! `cred_guard_mutex`, and `PTRACE_SEIZE` of any of its threads waits for
+//! that mutex. So a thread of ours that holds a tracee and then seizes
+//! another thread of the same process at the wrong moment waits forever for
+//! an exec that waits forever for it.
+//!
+//! The way out: while a seize has been waiting longer than [`PATIENCE`], a
+//! watchdog thread reaps the target's exited threads that are our tracees.
+//! `wait` works across the threads of a thread group, so the watchdog can
+//! reap what another thread of ours traces. It asks only for exits
+//! (`WEXITED`), so it never consumes a stop report; the tracer later finds
+//! the thread gone (`ECHILD`), which it already reads as "gone". The
+//! exec then completes, releases the mutex, and the seize returns (usually
+//! `ESRCH`: the thread died in the exec).
+
+use std::sync::{Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::Tid;
+
+/// How long a seize may wait before the watchdog starts reaping. A seize
+/// normally takes microseconds.
+const PATIENCE: Duration = Duration::from_millis(20);
+
+/// Seizes under way: the thread being seized and when the seize began.
+struct Watch {
+    seizing: Mutex<Vec<(Tid, Instant)>>,
+    armed: Condvar,
+}
+
+fn watch() -> &'static Watch {
+    static WATCH: OnceLock<Watch> = OnceLock::new();
+    WATCH.get_or_init(|| {
+        let spawned = std::thread::Builder::new()
+            .name("suture-exec-watch".into())
+            .spawn(watchdog);
+        if let Err(e) = spawned {
+            // Without the watchdog a seize can still work; it only loses
+            // the way out of the exec deadlock.
+            crate::debug_log(format_args!("exec watchdog not started: {e}"));
+        }
+        Watch {
+            seizing: Mutex::new(Vec::new()),
+            armed: Condvar::new(),
+        }
+    })
+}
+
+/// Runs `seize` (a `PTRACE_SEIZE` of `tid`) under the watchdog.
+pub(crate) fn seize_watched<T>(tid: Tid, seize: impl FnOnce() -> T) -> T {
+    let w = watch();
+    let began = Instant::now();
+    lock(&w.seizing).push((tid, began));
+    w.armed.notify_one();
+    let r = seize();
+    let mut seizing = lock(&w.seizing);
+    if let Some(i) = seizing.iter().position(|&e| e == (tid, began)) {
+        seizing.swap_remove(i);
+    }
+    r
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn watchdog() {
+    // The watchdog must never take the SIGCHLD a tracer thread sleeps on.
+    crate::sys::block_sigchld();
+    let w = watch();
+    let mut seizing = lock(&w.seizing);
+    loop {
+        let oldest = seizing.iter().map(|&(_, t)| t).min();
+        match oldest {
+            None => seizing = w.armed.wait(seizing).unwrap_or_else(|p| p.into_inner()),
+            Some(t) if t.elapsed() < PATIENCE => {
+                let left = PATIENCE - t.elapsed();
+                seizing = w
+                    .armed
+                    .wait_timeout(seizing, left)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            Some(_) => {
+                let stuck: Vec<Tid> = seizing
+                    .iter()
+                    .filter(|&&(_, t)| t.elapsed() >= PATIENCE)
+                    .map(|&(tid, _)| tid)
+                    .collect();
+                drop(seizing);
+                for tid in stuck {
+                    reap_exited_threads_of(tid);
+                }
+                std::thread::sleep(PATIENCE);
+                seizing = lock(&w.seizing);
+            }
+        }
+    }
+}
+
+/// Reaps the exited threads (other than the leader, which an exec handles
+/// itself) of the process `tid` belongs to that are our tracees.
+fn reap_exited_threads_of(tid: Tid) {
+    let Some(tgid) = crate::procfs::tgid_of(tid) else {
+        return;
+    };
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{tgid}/task")) else {
+        return;
+    };
+    for task in tasks.flatten() {
+        let Some(t) = task
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<Tid>().ok())
+        else {
+            continue;
+        };
+        if t != tgid && crate::sys::reap_if_exited(t) {
+            crate::debug_log(format_args!(
+                "reaped exited thread {t} of {tgid} while seizing {tid} (exec under way)"
+            ));
+        }
+    }
+}
