@@ -68,6 +68,26 @@ fn dump(t: &mut Target) -> Result<Vec<ThreadGaps>> {
     Ok(v)
 }
 
+/// Prints every gap of 500 µs or more, on the `CLOCK_MONOTONIC` ms clock
+/// of suture's `SUTURE_DEBUG_HOLDS=1` lines, to line them up.
+fn print_long_gaps(threads: &[ThreadGaps], base_ns: i64) {
+    let mut long: Vec<(usize, i64, i64)> = threads
+        .iter()
+        .enumerate()
+        .flat_map(|(i, t)| t.gaps.iter().map(move |&(s, e)| (i, s, e)))
+        .filter(|&(_, s, e)| e - s >= 500_000)
+        .collect();
+    long.sort_by_key(|&(_, s, _)| s);
+    for (i, s, e) in long {
+        eprintln!(
+            "{:.3} gap of thread #{i}: {} us (until {:.3})",
+            (base_ns + s) as f64 / 1e6,
+            (e - s) / 1000,
+            (base_ns + e) as f64 / 1e6
+        );
+    }
+}
+
 /// Intersection of two sorted lists of disjoint intervals.
 fn intersect(a: &[(i64, i64)], b: &[(i64, i64)]) -> Vec<(i64, i64)> {
     let (mut i, mut j, mut out) = (0, 0, Vec::new());
@@ -259,7 +279,17 @@ fn run_in(o: &Options, dir: &Path) -> Result<()> {
                 let disable = t1.elapsed();
                 std::thread::sleep(Duration::from_millis(20));
                 let win = t0.elapsed();
-                let patch = window(&dump(&mut t)?);
+                let dumped = dump(&mut t)?;
+                if std::env::var_os("SUTURE_BENCH_DEBUG").is_some() {
+                    let base = t
+                        .ready
+                        .split_whitespace()
+                        .find_map(|w| w.strip_prefix("base="))
+                        .and_then(|b| b.parse().ok())
+                        .unwrap_or(0);
+                    print_long_gaps(&dumped, base);
+                }
+                let patch = window(&dumped);
                 t.send("r")?;
                 t.line()?;
                 std::thread::sleep(win);

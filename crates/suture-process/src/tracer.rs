@@ -613,27 +613,28 @@ impl Tracer<'_> {
         }
     }
 
+    /// Seizes `tid`, reading `/proc` once (after the seize: a traced
+    /// thread's id cannot be reused, so the thread read is the one seized).
+    /// A `/proc` read costs tens of µs, and suture's windows seize every
+    /// thread of the process.
     fn seize(&mut self, tid: Tid) -> Result<()> {
-        let stat = self
-            .process
-            .thread_stat(tid)
-            .filter(|s| !s.is_dead())
-            .ok_or_else(|| self.process.vanished(tid))?;
         let seize = if self.births {
             sys::seize_tracesysgood_clone
         } else {
             sys::seize_tracesysgood
         };
         if let Err(errno) = sys::seize_fresh(tid, seize) {
+            if self.process.thread_stat(tid).is_none_or(|s| s.is_dead()) {
+                return Err(self.process.vanished(tid));
+            }
             return Err(self.process.seize_error(tid, errno));
         }
-        // A traced thread's id is not reused: check it is still the thread
-        // of our process we looked at.
-        let same = self.process.thread_stat(tid).map(|s| s.start_time) == Some(stat.start_time);
-        if !same || !self.process.is_alive() {
+        // Read under our own process's task list: a thread id reused by
+        // another process since it was listed is not found there.
+        let Some(stat) = self.process.thread_stat(tid).filter(|s| !s.is_dead()) else {
             sys::abandon(tid);
             return Err(self.process.vanished(tid));
-        }
+        };
         self.threads.insert(
             tid,
             Traced {
