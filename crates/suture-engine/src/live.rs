@@ -25,7 +25,7 @@
 //! * for a transition's start, every thread that existed before must be in
 //!   the pending table before any thread can take the new path: each
 //!   thread is stopped once on its own to fill the table before the first
-//!   `int3`, and the dispatch stubs' quarantine keeps a thread not in the
+//!   `int3` (not one asleep whose pointer an earlier start read), and the dispatch stubs' quarantine keeps a thread not in the
 //!   table on the old code until a short [`Window`] (tracing every thread
 //!   with `PTRACE_O_TRACECLONE`, so a thread created meanwhile is seen
 //!   before its first instruction) has added the threads created since.
@@ -40,7 +40,7 @@ use crate::record::{Record, Region, TrapRecord};
 use crate::write::CodeWrite;
 use crate::Error;
 use std::time::{Duration, Instant};
-use suture_process::{Process, Tid, TraceEvent, Tracer};
+use suture_process::{Hijack, Process, Tid, TraceEvent, Tracer};
 use suture_x86::trap::{trap_handler, TrapLayout};
 
 const SIGTRAP: i32 = 5;
@@ -122,83 +122,22 @@ fn prepare_inner(proc: &Process, rec: &mut Record) -> Result<Option<TrapLayout>,
         let t = match rec.trap.clone() {
             Some(t) => t,
             None => {
-                let len = PAGE + memory::page_up(TrapLayout::size_for(CAPACITY) + CAPACITY);
-                let addr = memory::create_mapping(
-                    &mut h,
-                    TRAP_NAME,
-                    len,
-                    None,
-                    PROT_RX,
-                    false,
-                    &[(0, PAGE, PROT_RW)],
-                )?;
-                let handler = addr + PAGE;
-                let (code, _) = trap_handler(handler, CAPACITY).map_err(Error::Other)?;
-                proc.write_mem(handler, &code)?;
-                let t = TrapRecord {
-                    region: Region { addr, len },
-                    handler,
-                    capacity: CAPACITY,
-                    barrier: false,
-                    verified: false,
-                };
+                let t = map_handler(proc, &mut h)?;
                 rec.trap = Some(t.clone());
                 t
             }
         };
         let l = layout(&t);
-        if caught {
-            // Ours, unless the program installed its own since: then its
-            // handler would get our int3s.
-            let scratch = t.region.addr;
-            proc.write_mem(scratch + 64, &[0; 32])?;
-            h.syscall(
-                libc::SYS_rt_sigaction,
-                [SIGTRAP as u64, 0, scratch + 64, 8, 0, 0],
-            )?;
-            if proc.read_mem(scratch + 64, 8)? != l.handler.to_le_bytes() {
-                return Ok(None);
-            }
+        let ours = if caught {
+            handler_is_ours(proc, &mut h, &t, &l)?
         } else {
-            // struct kernel_sigaction { handler, flags, restorer, mask },
-            // the old one read back just after it.
-            let scratch = t.region.addr;
-            let act = [
-                l.handler,
-                SA_SIGINFO | SA_RESTORER | SA_ONSTACK,
-                l.restorer,
-                !0u64,
-            ];
-            let bytes: Vec<u8> = act.iter().flat_map(|w| w.to_le_bytes()).collect();
-            proc.write_mem(scratch, &bytes)?;
-            proc.write_mem(scratch + 64, &[0; 32])?;
-            h.syscall(
-                libc::SYS_rt_sigaction,
-                [SIGTRAP as u64, scratch, scratch + 64, 8, 0, 0],
-            )?;
-            let old = proc.read_mem(scratch + 64, 8)?;
-            if old != [0; 8] {
-                // Someone installed a handler meanwhile: theirs goes back.
-                h.syscall(
-                    libc::SYS_rt_sigaction,
-                    [SIGTRAP as u64, scratch + 64, 0, 8, 0, 0],
-                )?;
-                return Ok(None);
-            }
-        }
-        if !t.barrier {
-            let r = h.syscall(
-                libc::SYS_membarrier,
-                [MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED, 0, 0, 0, 0, 0],
-            );
-            if r.is_err() {
-                return Ok(None);
-            }
-            if let Some(t) = rec.trap.as_mut() {
-                t.barrier = true;
-            }
+            install_handler(proc, &mut h, &t, &l)?
+        };
+        if !ours || (!t.barrier && !register_barrier(&mut h)) {
+            return Ok(None);
         }
         if let Some(t) = rec.trap.as_mut() {
+            t.barrier = true;
             t.verified = true;
         }
         Ok(Some(l))
@@ -207,6 +146,94 @@ fn prepare_inner(proc: &Process, rec: &mut Record) -> Result<Option<TrapLayout>,
     let l = result?;
     released?;
     Ok(l)
+}
+
+/// Maps the handler (a page of scratch space, then the code, its table and
+/// the undo log) into the target.
+fn map_handler(proc: &Process, h: &mut Hijack<'_>) -> Result<TrapRecord, Error> {
+    let len = PAGE + memory::page_up(TrapLayout::size_for(CAPACITY) + CAPACITY);
+    let addr = memory::create_mapping(
+        h,
+        TRAP_NAME,
+        len,
+        None,
+        PROT_RX,
+        false,
+        &[(0, PAGE, PROT_RW)],
+    )?;
+    let handler = addr + PAGE;
+    let (code, _) = trap_handler(handler, CAPACITY).map_err(Error::Other)?;
+    proc.write_mem(handler, &code)?;
+    Ok(TrapRecord {
+        region: Region { addr, len },
+        handler,
+        capacity: CAPACITY,
+        barrier: false,
+        verified: false,
+    })
+}
+
+/// Whether the installed `SIGTRAP` handler is still ours: the program may
+/// have installed its own since, which would then get our `int3`s.
+fn handler_is_ours(
+    proc: &Process,
+    h: &mut Hijack<'_>,
+    t: &TrapRecord,
+    l: &TrapLayout,
+) -> Result<bool, Error> {
+    let scratch = t.region.addr;
+    proc.write_mem(scratch + 64, &[0; 32])?;
+    h.syscall(
+        libc::SYS_rt_sigaction,
+        [SIGTRAP as u64, 0, scratch + 64, 8, 0, 0],
+    )?;
+    Ok(proc.read_mem(scratch + 64, 8)? == l.handler.to_le_bytes())
+}
+
+/// Installs our `SIGTRAP` handler, unless the program installed one of its
+/// own meanwhile (then that one stays, and `false`).
+fn install_handler(
+    proc: &Process,
+    h: &mut Hijack<'_>,
+    t: &TrapRecord,
+    l: &TrapLayout,
+) -> Result<bool, Error> {
+    // struct kernel_sigaction { handler, flags, restorer, mask }, the old
+    // one read back just after it.
+    let scratch = t.region.addr;
+    let act = [
+        l.handler,
+        SA_SIGINFO | SA_RESTORER | SA_ONSTACK,
+        l.restorer,
+        !0u64,
+    ];
+    let bytes: Vec<u8> = act.iter().flat_map(|w| w.to_le_bytes()).collect();
+    proc.write_mem(scratch, &bytes)?;
+    proc.write_mem(scratch + 64, &[0; 32])?;
+    h.syscall(
+        libc::SYS_rt_sigaction,
+        [SIGTRAP as u64, scratch, scratch + 64, 8, 0, 0],
+    )?;
+    if proc.read_mem(scratch + 64, 8)? != [0; 8] {
+        // Someone installed a handler meanwhile: theirs goes back.
+        h.syscall(
+            libc::SYS_rt_sigaction,
+            [SIGTRAP as u64, scratch + 64, 0, 8, 0, 0],
+        )?;
+        return Ok(false);
+    }
+    Ok(true)
+}
+
+/// Registers the target for `membarrier(MEMBARRIER_CMD_GLOBAL_EXPEDITED)`
+/// (once per process; the kernel makes the first one wait for a grace
+/// period). `false` if the kernel refuses.
+fn register_barrier(h: &mut Hijack<'_>) -> bool {
+    h.syscall(
+        libc::SYS_membarrier,
+        [MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED, 0, 0, 0, 0, 0],
+    )
+    .is_ok()
 }
 
 /// Serializes every core running a thread of the target, from suture
@@ -382,12 +409,14 @@ pub fn repair(proc: &Process, rec: &Record) -> Result<usize, Error> {
         if !t.barrier {
             // Written by a suture that serialized the cores otherwise.
             let mut h = proc.hijack(HIJACK_TIMEOUT)?;
-            let r = h.syscall(
-                libc::SYS_membarrier,
-                [MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED, 0, 0, 0, 0, 0],
-            );
+            let registered = register_barrier(&mut h);
             h.release()?;
-            r?;
+            if !registered {
+                return Err(Error::Other(format!(
+                    "the kernel refused to register process {} for membarrier, which completing the code writes a killed suture left needs",
+                    proc.pid()
+                )));
+            }
         }
         complete(proc, &writes, false)?;
     }

@@ -210,6 +210,20 @@ pub struct Record {
     /// mapped; it stays for the life of the process.
     #[serde(default)]
     pub trap: Option<TrapRecord>,
+    /// The thread pointer of each thread suture stopped at a transition's
+    /// start, with the thread's start time (a thread id can be reused): a
+    /// thread's pointer never changes, so a later start need not stop it
+    /// again to fill the pending table (see `LiveBegin::start`).
+    #[serde(default)]
+    pub thread_pointers: BTreeMap<i32, KnownThread>,
+}
+
+/// A thread's pointer, as read when it was stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KnownThread {
+    /// In clock ticks since boot, from `/proc/PID/task/TID/stat`.
+    pub start_time: u64,
+    pub tp: u64,
 }
 
 /// The mapping that holds the handler of live code writes.

@@ -22,7 +22,7 @@
 use crate::check::{regenerate_stub, Checker, Verdict};
 use crate::memory::{self, SLOT_DISPATCH};
 use crate::objects::Objects;
-use crate::record::{Record, Region, Site, StubRecord, TransitionRecord};
+use crate::record::{KnownThread, Record, Region, Site, StubRecord, TransitionRecord};
 use crate::write::{write_code_with_hook, CodeWrite};
 use crate::Error;
 use std::collections::{BTreeMap, BTreeSet};
@@ -127,6 +127,8 @@ pub struct Seen {
     pub tid: i32,
     pub tp: u64,
     pub pending: bool,
+    /// The thread's start time, when known (see `Record::thread_pointers`).
+    pub start_time: Option<u64>,
 }
 
 /// Make the model agree with what the table says each thread runs.
@@ -229,9 +231,12 @@ pub fn begin(
     };
     if let Some(l) = live.filter(|_| crate::live::suits(&jumps)) {
         if crate::live::set_table(proc, l, &jumps)? {
+            let known = rec.thread_pointers.clone();
             let live_begin = LiveBegin {
                 region: &region,
                 bits,
+                pending,
+                known: &known,
                 stub_writes: &stub_writes,
                 quarantines: &quarantines,
                 jumps: &jumps,
@@ -271,7 +276,7 @@ pub fn begin(
             let Some(regs) = stopped.regs(tid) else {
                 continue;
             };
-            tabled.add(proc, bits, tid, regs.fs_base, pending(regs.fs_base))?;
+            tabled.add(proc, bits, tid, regs.fs_base, pending(regs.fs_base), None)?;
         }
         *seen_cell.borrow_mut() = tabled.seen;
         let mut writes = vec![CodeWrite {
@@ -317,6 +322,19 @@ fn after_begin(
     sync_model(&mut m, seen);
     let mut r = rec.clone();
     r.sites = sites.clone();
+    // Every thread alive is in `seen`: the others are forgotten.
+    r.thread_pointers = seen
+        .iter()
+        .filter_map(|s| {
+            Some((
+                s.tid,
+                KnownThread {
+                    start_time: s.start_time?,
+                    tp: s.tp,
+                },
+            ))
+        })
+        .collect();
     r.transition = Some(TransitionRecord {
         table: region.clone(),
         bits,
@@ -334,6 +352,11 @@ fn after_begin(
 struct LiveBegin<'a> {
     region: &'a Region,
     bits: u32,
+    /// Whether a thread (by its pointer) starts pending, as in the
+    /// whole-process stop's table.
+    pending: &'a dyn Fn(u64) -> bool,
+    /// Thread pointers read at earlier starts (`Record::thread_pointers`).
+    known: &'a BTreeMap<i32, KnownThread>,
     stub_writes: &'a [CodeWrite],
     quarantines: &'a [u64],
     jumps: &'a [CodeWrite],
@@ -355,6 +378,7 @@ impl Tabled {
         tid: Tid,
         tp: u64,
         pending: bool,
+        start_time: Option<u64>,
     ) -> Result<(), Error> {
         check_thread_pointer(proc, tid, tp)?;
         if pending && !table_insert(&mut self.mirror.slots, bits, tp) {
@@ -363,7 +387,12 @@ impl Tabled {
                 1u64 << (bits - 1)
             )));
         }
-        self.seen.push(Seen { tid, tp, pending });
+        self.seen.push(Seen {
+            tid,
+            tp,
+            pending,
+            start_time,
+        });
         Ok(())
     }
 }
@@ -385,7 +414,9 @@ fn lift_quarantine_with(
     crate::live::Window::run(proc, |tracer| {
         let tabled = std::cell::RefCell::new(tabled);
         let add = |tid: Tid, regs: &libc::user_regs_struct| {
-            tabled.borrow_mut().add(proc, bits, tid, regs.fs_base, true)
+            tabled
+                .borrow_mut()
+                .add(proc, bits, tid, regs.fs_base, true, None)
         };
         let known: BTreeSet<Tid> = tabled.borrow().seen.iter().map(|s| s.tid).collect();
         let fresh: Vec<Tid> = tracer
@@ -441,6 +472,7 @@ pub fn lift_quarantine(proc: &Process, rec: &mut Record) -> Result<(), Error> {
                 tid,
                 tp,
                 pending: true,
+                start_time: None,
             })
             .collect(),
     };
@@ -459,7 +491,8 @@ pub fn lift_quarantine(proc: &Process, rec: &mut Record) -> Result<(), Error> {
 impl LiveBegin<'_> {
     /// Until the jumps are complete: each thread stopped once on its own to
     /// put its thread pointer in the table (nothing leads to the stubs yet,
-    /// so this needs no `int3`); the stubs written with their quarantine
+    /// so this needs no `int3`), unless it is asleep and an earlier start
+    /// read its pointer; the stubs written with their quarantine
     /// on; then the `int3`s, and a thread found between two of the
     /// instructions about to change moved to their relocated copy. Nothing
     /// is traced meanwhile, so a thread meeting an `int3` costs only its
@@ -469,24 +502,50 @@ impl LiveBegin<'_> {
             mirror: Mirror::empty(self.bits),
             seen: Vec::new(),
         });
-        let threads = proc.threads()?;
-        let mut tracer = proc.tracer();
         // A thread still inside a stub of an earlier transition of the
         // same site (stopped there, say, since then) must not see it
         // rewritten: the whole-process stop waits for it to leave. No path
         // leads into those stubs any more, so one look suffices.
         let mut inside_stub = false;
+        // A thread asleep whose pointer an earlier start read (it never
+        // changes) goes into the table without being stopped; its pc comes
+        // from `/proc`. The others are each stopped once, on their own.
+        let mut to_look = Vec::new();
+        for tid in proc.threads()? {
+            let asleep = self.known.get(&tid).and_then(|k| {
+                let a = proc.asleep(tid)?;
+                (a.start_time == k.start_time).then_some((*k, a.pc))
+            });
+            match asleep {
+                Some((k, pc)) => {
+                    inside_stub |= self.stub_writes.iter().any(|w| w.tears(pc));
+                    let pending = (self.pending)(k.tp);
+                    tabled.borrow_mut().add(
+                        proc,
+                        self.bits,
+                        tid,
+                        k.tp,
+                        pending,
+                        Some(k.start_time),
+                    )?;
+                }
+                None => to_look.push(tid),
+            }
+        }
+        let mut tracer = proc.tracer();
         crate::live::look_at_each(
             &mut tracer,
-            &threads,
+            &to_look,
             crate::live::LetGo::Detach,
             1,
             None,
-            &mut |_, tid, regs| {
+            &mut |tr, tid, regs| {
                 inside_stub |= self.stub_writes.iter().any(|w| w.tears(regs.rip));
+                let pending = (self.pending)(regs.fs_base);
+                let start_time = tr.start_time(tid);
                 tabled
                     .borrow_mut()
-                    .add(proc, self.bits, tid, regs.fs_base, true)
+                    .add(proc, self.bits, tid, regs.fs_base, pending, start_time)
             },
             &mut |_, _, _| Ok(()),
         )?;

@@ -50,6 +50,15 @@ pub use nix::errno::Errno;
 pub use stop::StoppedProcess;
 pub use tracer::{Resume, TraceEvent, Tracer};
 
+/// A thread asleep in the kernel, seen from `/proc` ([`Process::asleep`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Asleep {
+    /// In clock ticks since boot (`/proc/PID/task/TID/stat`, field 22).
+    pub start_time: u64,
+    /// Where it resumes in user space.
+    pub pc: u64,
+}
+
 /// A thread id (what `gettid` returns; the main thread's equals the pid).
 pub type Tid = i32;
 
@@ -396,6 +405,19 @@ impl Process {
         let text =
             std::fs::read_to_string(proc_path(self.pid, &format!("task/{tid}/syscall"))).ok()?;
         procfs::syscall_pc(&text)
+    }
+
+    /// Thread `tid` asleep in the kernel now, without stopping it: its
+    /// start time (which tells it from a later thread with the same id) and
+    /// the user-space pc it will come back to ([`Process::blocked_pc`]).
+    /// `None` while it runs, or if it is gone.
+    pub fn asleep(&self, tid: Tid) -> Option<Asleep> {
+        let pc = self.blocked_pc(tid)?;
+        let stat = self.thread_stat(tid).filter(|s| !s.is_dead())?;
+        Some(Asleep {
+            start_time: stat.start_time,
+            pc,
+        })
     }
 
     fn thread_signal_bit(&self, tid: Tid, key: &str, sig: i32) -> bool {

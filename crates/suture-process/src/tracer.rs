@@ -193,6 +193,12 @@ impl Tracer<'_> {
         self.threads.keys().copied().collect()
     }
 
+    /// The start time of traced thread `tid` (read when it was seized),
+    /// which tells it from a later thread with the same id.
+    pub fn start_time(&self, tid: Tid) -> Option<u64> {
+        self.threads.get(&tid).map(|t| t.start_time)
+    }
+
     /// From now on, threads are seized with `PTRACE_O_TRACECLONE`: every
     /// thread one of them creates is traced from birth and reported
     /// ([`TraceEvent::Born`]) before it runs. (Threads already traced keep

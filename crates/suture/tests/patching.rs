@@ -450,6 +450,39 @@ fn apply_and_disable_report_how_long_they_held_the_target() {
     );
 }
 
+#[test]
+fn a_later_start_does_not_stop_a_sleeping_thread_whose_pointer_it_knows() {
+    // `SUTURE_DEBUG_HOLDS=1` logs each stop of this command's own, and the
+    // steps of its live writes: the stops that fill the pending table come
+    // between the start's "prepare" and its first "sync" (the `int3`s).
+    let env = [
+        ("SUTURE_LIVE_CHECK_MS", "60000"),
+        ("SUTURE_DEBUG_HOLDS", "1"),
+    ];
+    let table_stops = |err: &str| -> String {
+        let from = err.find("live write: prepare").expect("a live write");
+        let to = from + err[from..].find("live write: sync").expect("its int3s");
+        err[from..to].to_string()
+    };
+    let mut t = Target::standard("target");
+    // The main thread sleeps in read() on its command pipe between
+    // commands.
+    let stopped = format!("hold: checked thread {}:", t.pid);
+    let (_, err) = ok_env_both(&["apply", &pid(&t), &f("static.o")], &env);
+    assert!(
+        table_stops(&err).contains(&stopped),
+        "the first start stops it:\n{err}"
+    );
+    all(&mut t, (44, 101, 1001));
+    let (_, err) = ok_env_both(&["disable", &pid(&t), "static"], &env);
+    let stops = table_stops(&err);
+    assert!(
+        !stops.contains(&stopped) && stops.contains("hold: checked thread"),
+        "a later start takes its pointer from the record (and stops the running threads):\n{err}"
+    );
+    all(&mut t, BASE);
+}
+
 /// With live writes turned off, and where an int3 could kill the target (a
 /// thread blocks SIGTRAP), the jumps are written in one whole-process stop.
 fn whole_stop_fallback(t: &mut Target, env: &[(&str, &str)]) {

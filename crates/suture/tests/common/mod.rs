@@ -326,6 +326,11 @@ pub fn suture(args: &[&str]) -> Output {
 /// Run suture with extra environment variables and require success;
 /// returns stdout.
 pub fn ok_env(args: &[&str], env: &[(&str, &str)]) -> String {
+    ok_env_both(args, env).0
+}
+
+/// Like [`ok_env`]; returns stdout and stderr.
+pub fn ok_env_both(args: &[&str], env: &[(&str, &str)]) -> (String, String) {
     let out = Command::new(SUTURE)
         .args(args)
         .envs(env.iter().copied())
@@ -337,7 +342,10 @@ pub fn ok_env(args: &[&str], env: &[(&str, &str)]) -> String {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8(out.stdout).unwrap()
+    (
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Run suture and require success; returns stdout.
