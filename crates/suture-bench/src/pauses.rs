@@ -530,18 +530,23 @@ impl Results {
                      a transition's start and completion write their jumps `int3` first while every thread runs, \
                      with suture's `SIGTRAP` handler in the target sending on a thread that meets one, and the cores \
                      serialized by a `membarrier` suture issues itself (`live.rs` in ARCHITECTURE.md). Each thread is \
-                     stopped only on its own: once to enter the pending table, once for its stack check, once more if \
+                     stopped only on its own: once to enter the pending table (at a later command's start not even that \
+                     if it is asleep: its pointer is in the record), once for its stack check, once more if \
                      it is running while the `int3`s are in place and the patch replaces several instructions of a \
                      function (to see that it is not between them), and one sleeping thread now and then is borrowed \
                      for system calls (mapping the patch; once per process, installing the handler). The longest of \
                      those stops, as suture times it from the interrupt to the release, is {} µs here (\"suture: \
                      longest single-thread stop\"; the borrowed thread's are the long ones: each injected system call \
                      costs several ptrace round trips, and the first command's `membarrier` registration waits for \
-                     the kernel). On top of that a thread released on 2 loaded cores waits to be scheduled again: \
-                     the same-run baseline, with nothing happening, already has gaps of {} µs. What would close the \
-                     rest: fewer injected system calls per command (one mapping for the image, its slots and its \
-                     table), and not stopping a thread to learn its thread pointer when an earlier command already \
-                     did (it never changes).\n",
+                     the kernel). On top of that a thread released on 2 loaded cores waits to be scheduled again, and \
+                     suture's own CPU time (reading `/proc` for hundreds of threads, tens of µs a file) competes with \
+                     the target for the 2 cores: the same-run baseline, with nothing happening, already has gaps of \
+                     {} µs (`SUTURE_BENCH_DEBUG=1` lists every gap of 500 µs or more on the clock of suture's \
+                     `SUTURE_DEBUG_HOLDS=1` lines). What would close the rest: fewer injected system calls per command \
+                     (one mapping for the image, its slots and its table), and less CPU time of suture's per thread. \
+                     The stack check itself needs the stop: the kernel switches a task while it cannot run (under its \
+                     runqueue lock), and from user space only a ptrace-stop keeps a thread from entering an old \
+                     function between its check and its switch.\n",
                     fmt3(over(rs, |r| r.held_thread_us)),
                     fmt3(over(rs, |r| r.base.max_us)),
                 );
