@@ -127,11 +127,10 @@ fn prepare_inner(proc: &Process, rec: &mut Record) -> Result<Option<TrapLayout>,
                 t
             }
         };
-        let l = layout(&t);
         let ours = if caught {
-            handler_is_ours(proc, &mut h, &t, &l)?
+            handler_is_ours(proc, &mut h, &t)?
         } else {
-            install_handler(proc, &mut h, &t, &l)?
+            install_handler(proc, &mut h, &t)?
         };
         if !ours || (!t.barrier && !register_barrier(&mut h)) {
             return Ok(None);
@@ -140,7 +139,7 @@ fn prepare_inner(proc: &Process, rec: &mut Record) -> Result<Option<TrapLayout>,
             t.barrier = true;
             t.verified = true;
         }
-        Ok(Some(l))
+        Ok(Some(layout(&t)))
     })();
     let released = h.release();
     let l = result?;
@@ -175,54 +174,53 @@ fn map_handler(proc: &Process, h: &mut Hijack<'_>) -> Result<TrapRecord, Error> 
 
 /// Whether the installed `SIGTRAP` handler is still ours: the program may
 /// have installed its own since, which would then get our `int3`s.
-fn handler_is_ours(
-    proc: &Process,
-    h: &mut Hijack<'_>,
-    t: &TrapRecord,
-    l: &TrapLayout,
-) -> Result<bool, Error> {
-    let scratch = t.region.addr;
-    proc.write_mem(scratch + 64, &[0; 32])?;
-    h.syscall(
-        libc::SYS_rt_sigaction,
-        [SIGTRAP as u64, 0, scratch + 64, 8, 0, 0],
-    )?;
-    Ok(proc.read_mem(scratch + 64, 8)? == l.handler.to_le_bytes())
+fn handler_is_ours(proc: &Process, h: &mut Hijack<'_>, t: &TrapRecord) -> Result<bool, Error> {
+    let l = layout(t);
+    Ok(sigtrap_action(proc, h, t, None)? == l.handler)
 }
 
 /// Installs our `SIGTRAP` handler, unless the program installed one of its
 /// own meanwhile (then that one stays, and `false`).
-fn install_handler(
-    proc: &Process,
-    h: &mut Hijack<'_>,
-    t: &TrapRecord,
-    l: &TrapLayout,
-) -> Result<bool, Error> {
-    // struct kernel_sigaction { handler, flags, restorer, mask }, the old
-    // one read back just after it.
-    let scratch = t.region.addr;
+fn install_handler(proc: &Process, h: &mut Hijack<'_>, t: &TrapRecord) -> Result<bool, Error> {
+    let l = layout(t);
+    // struct kernel_sigaction { handler, flags, restorer, mask }
     let act = [
         l.handler,
         SA_SIGINFO | SA_RESTORER | SA_ONSTACK,
         l.restorer,
         !0u64,
     ];
-    let bytes: Vec<u8> = act.iter().flat_map(|w| w.to_le_bytes()).collect();
-    proc.write_mem(scratch, &bytes)?;
-    proc.write_mem(scratch + 64, &[0; 32])?;
-    h.syscall(
-        libc::SYS_rt_sigaction,
-        [SIGTRAP as u64, scratch, scratch + 64, 8, 0, 0],
-    )?;
-    if proc.read_mem(scratch + 64, 8)? != [0; 8] {
+    if sigtrap_action(proc, h, t, Some(act))? != 0 {
         // Someone installed a handler meanwhile: theirs goes back.
-        h.syscall(
-            libc::SYS_rt_sigaction,
-            [SIGTRAP as u64, scratch + 64, 0, 8, 0, 0],
-        )?;
+        let old = t.region.addr + 64;
+        h.syscall(libc::SYS_rt_sigaction, [SIGTRAP as u64, old, 0, 8, 0, 0])?;
         return Ok(false);
     }
     Ok(true)
+}
+
+/// `rt_sigaction(SIGTRAP, act, old)` in the target, through the handler
+/// mapping's scratch page (`act` at its start, `old` read back 64 bytes
+/// in); returns the old handler's address (0 for the default).
+fn sigtrap_action(
+    proc: &Process,
+    h: &mut Hijack<'_>,
+    t: &TrapRecord,
+    act: Option<[u64; 4]>,
+) -> Result<u64, Error> {
+    let scratch = t.region.addr;
+    if let Some(act) = act {
+        let bytes: Vec<u8> = act.iter().flat_map(|w| w.to_le_bytes()).collect();
+        proc.write_mem(scratch, &bytes)?;
+    }
+    proc.write_mem(scratch + 64, &[0; 32])?;
+    let act_addr = if act.is_some() { scratch } else { 0 };
+    h.syscall(
+        libc::SYS_rt_sigaction,
+        [SIGTRAP as u64, act_addr, scratch + 64, 8, 0, 0],
+    )?;
+    let old = proc.read_mem(scratch + 64, 8)?;
+    Ok(u64::from_le_bytes(old.try_into().expect("8 bytes")))
 }
 
 /// Registers the target for `membarrier(MEMBARRIER_CMD_GLOBAL_EXPEDITED)`

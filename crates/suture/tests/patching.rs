@@ -464,10 +464,20 @@ fn a_later_start_does_not_stop_a_sleeping_thread_whose_pointer_it_knows() {
         let to = from + err[from..].find("live write: sync").expect("its int3s");
         err[from..to].to_string()
     };
-    let mut t = Target::standard("target");
-    // The main thread sleeps in read() on its command pipe between
-    // commands.
-    let stopped = format!("hold: checked thread {}:", t.pid);
+    // A thread that sleeps in read() for good (not the main thread, which
+    // a command borrows to run system calls just before the table fills,
+    // and which may not be back asleep yet).
+    let lib = fixture("libfixture.so");
+    let mut t = Target::start_env("target", &[lib.to_str().unwrap()], &[("SLEEPER", "1")]);
+    let sleeper = std::fs::read_dir(format!("/proc/{}/task", t.pid))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .find(|tid| {
+            std::fs::read_to_string(format!("/proc/{}/task/{tid}/comm", t.pid))
+                .is_ok_and(|c| c.trim() == "sleeper")
+        })
+        .expect("the sleeper thread");
+    let stopped = format!("hold: checked thread {sleeper}:");
     let (_, err) = ok_env_both(&["apply", &pid(&t), &f("static.o")], &env);
     assert!(
         table_stops(&err).contains(&stopped),
