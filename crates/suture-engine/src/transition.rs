@@ -231,12 +231,11 @@ pub fn begin(
     };
     if let Some(l) = live.filter(|_| crate::live::suits(&jumps)) {
         if crate::live::set_table(proc, l, &jumps)? {
-            let known = rec.thread_pointers.clone();
             let live_begin = LiveBegin {
                 region: &region,
                 bits,
                 pending,
-                known: &known,
+                known: &rec.thread_pointers,
                 stub_writes: &stub_writes,
                 quarantines: &quarantines,
                 jumps: &jumps,
@@ -413,10 +412,11 @@ fn lift_quarantine_with(
 ) -> Result<(), Error> {
     crate::live::Window::run(proc, |tracer| {
         let tabled = std::cell::RefCell::new(tabled);
-        let add = |tid: Tid, regs: &libc::user_regs_struct| {
+        let add = |tr: &mut Tracer<'_>, tid: Tid, regs: &libc::user_regs_struct| {
+            let start_time = tr.start_time(tid);
             tabled
                 .borrow_mut()
-                .add(proc, bits, tid, regs.fs_base, true, None)
+                .add(proc, bits, tid, regs.fs_base, true, start_time)
         };
         let known: BTreeSet<Tid> = tabled.borrow().seen.iter().map(|s| s.tid).collect();
         let fresh: Vec<Tid> = tracer
@@ -424,14 +424,15 @@ fn lift_quarantine_with(
             .into_iter()
             .filter(|t| !known.contains(t))
             .collect();
-        let mut born = |_: &mut Tracer<'_>, tid: Tid, regs: &libc::user_regs_struct| add(tid, regs);
+        let mut born =
+            |tr: &mut Tracer<'_>, tid: Tid, regs: &libc::user_regs_struct| add(tr, tid, regs);
         crate::live::look_at_each(
             tracer,
             &fresh,
             crate::live::LetGo::Resume,
             1,
             None,
-            &mut |_, tid, regs| add(tid, regs),
+            &mut |tr, tid, regs| add(tr, tid, regs),
             &mut born,
         )?;
         // The table, with the threads born meanwhile (until none is).

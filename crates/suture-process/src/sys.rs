@@ -71,18 +71,21 @@ pub(crate) fn decode_status(status: i32) -> Report {
 }
 
 /// Whether some child or tracee of this thread has a stop or an end to
-/// report (looked at without collecting it).
+/// report (looked at without collecting it: `WNOWAIT`).
 pub(crate) fn any_report() -> bool {
-    // SAFETY: waitid writes only into the siginfo we pass; WNOWAIT leaves
-    // the report to be collected.
+    waitid_nohang(
+        libc::P_ALL,
+        0,
+        libc::WNOWAIT | libc::WSTOPPED | libc::WEXITED | libc::__WALL,
+    )
+}
+
+/// One `waitid(idtype, id, WNOHANG | flags)`: whether it found a report.
+fn waitid_nohang(idtype: libc::idtype_t, id: libc::id_t, flags: libc::c_int) -> bool {
+    // SAFETY: waitid writes only into the siginfo we pass.
     unsafe {
         let mut info: libc::siginfo_t = std::mem::zeroed();
-        let r = libc::waitid(
-            libc::P_ALL,
-            0,
-            &mut info,
-            libc::WNOHANG | libc::WNOWAIT | libc::WSTOPPED | libc::WEXITED | libc::__WALL,
-        );
+        let r = libc::waitid(idtype, id, &mut info, libc::WNOHANG | flags);
         r == 0 && info.si_pid() != 0
     }
 }
@@ -232,17 +235,7 @@ fn seize_with(tid: Tid, opts: ptrace::Options) -> nix::Result<()> {
 /// Reaps `tid` if it is an exited tracee of ours; never consumes a stop
 /// report (`WEXITED` only). Whether it was reaped.
 pub(crate) fn reap_if_exited(tid: Tid) -> bool {
-    // SAFETY: waitid writes only the siginfo we pass.
-    unsafe {
-        let mut info: libc::siginfo_t = std::mem::zeroed();
-        let r = libc::waitid(
-            libc::P_PID,
-            tid as libc::id_t,
-            &mut info,
-            libc::WEXITED | libc::WNOHANG | libc::__WALL,
-        );
-        r == 0 && info.si_pid() != 0
-    }
+    waitid_nohang(libc::P_PID, tid as libc::id_t, libc::WEXITED | libc::__WALL)
 }
 
 /// Seizes with `PTRACE_O_TRACESYSGOOD` only: system-call stops are then
