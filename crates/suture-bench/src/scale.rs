@@ -453,9 +453,9 @@ impl Results {
         if self.targets().iter().any(|(_, _, met)| !met) {
             let _ = writeln!(
                 m,
-                "Why the 2 s target is missed here, and what would close it: the time is not suture's CPU (well under a second of it for 1,000 functions x 512 threads) but waiting for the target's threads: each thread is stopped on its own for its check, and on this 2-core machine a stopped thread has to be scheduled among 512 others before it reaches its stop (a few threads are asked ahead so these waits overlap). \
+                "Why the 2 s target is missed here, and what would close it: the time is not suture's CPU (well under a second of it for 1,000 functions x 512 threads) but waiting for the target's threads: each thread is stopped on its own for its check, and on this 2-core machine a stopped thread has to be scheduled among 512 others before it reaches its stop (while the threads asked are slow to stop, more are asked, so these waits overlap). \
                  Pending threads no longer pay a system call per patched call until the worker traces them (the trap switch), which took this configuration from about 20 s to a few seconds. \
-                 Closing the rest: check in the transition's start stop the threads that are already stopped there (most sleep outside the patched code), at the price of a longer whole-process stop; or read the stacks of sleeping threads without stopping them.\n"
+                 Closing the rest: check in the transition's start stop the threads that are already stopped there (most sleep outside the patched code), at the price of a longer whole-process stop. (Reading the stacks of sleeping threads without stopping them is not safe: a thread could wake between its check and its switch.)\n"
             );
         }
         for c in &self.configs {

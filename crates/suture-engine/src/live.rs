@@ -39,6 +39,7 @@ use crate::memory::{self, PAGE, PROT_RW, PROT_RX};
 use crate::record::{Record, Region, TrapRecord};
 use crate::write::CodeWrite;
 use crate::Error;
+use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 use suture_process::{Hijack, Process, Tid, TraceEvent, Tracer};
 use suture_x86::trap::{trap_handler, TrapLayout};
@@ -89,16 +90,26 @@ fn layout(t: &TrapRecord) -> TrapLayout {
 
 /// Makes the target ready for live writes (maps the handler, installs it
 /// for `SIGTRAP`, registers for `membarrier`), or says why not (`None`:
-/// use the whole-process stop). `rec.trap` is updated; the caller saves
-/// the record.
-pub fn prepare(proc: &Process, rec: &mut Record) -> Result<Option<TrapLayout>, Error> {
+/// use the whole-process stop). Its system calls are made by `borrowed`,
+/// a thread the caller holds already, if given (one stop of one thread
+/// fewer per command), else by a thread borrowed for them. `rec.trap` is
+/// updated; the caller saves the record.
+pub fn prepare(
+    proc: &Process,
+    rec: &mut Record,
+    borrowed: Option<&mut Hijack<'_>>,
+) -> Result<Option<TrapLayout>, Error> {
     let t0 = Instant::now();
-    let r = prepare_inner(proc, rec);
+    let r = prepare_inner(proc, rec, borrowed);
     debug_step("prepare", t0);
     r
 }
 
-fn prepare_inner(proc: &Process, rec: &mut Record) -> Result<Option<TrapLayout>, Error> {
+fn prepare_inner(
+    proc: &Process,
+    rec: &mut Record,
+    borrowed: Option<&mut Hijack<'_>>,
+) -> Result<Option<TrapLayout>, Error> {
     if disabled() {
         return Ok(None);
     }
@@ -117,34 +128,47 @@ fn prepare_inner(proc: &Process, rec: &mut Record) -> Result<Option<TrapLayout>,
     if caught && ready {
         return Ok(rec.trap.as_ref().map(layout));
     }
+    if let Some(h) = borrowed {
+        return prepare_in(proc, rec, h, caught);
+    }
     let mut h = proc.hijack(HIJACK_TIMEOUT)?;
-    let result = (|| -> Result<Option<TrapLayout>, Error> {
-        let t = match rec.trap.clone() {
-            Some(t) => t,
-            None => {
-                let t = map_handler(proc, &mut h)?;
-                rec.trap = Some(t.clone());
-                t
-            }
-        };
-        let ours = if caught {
-            handler_is_ours(proc, &mut h, &t)?
-        } else {
-            install_handler(proc, &mut h, &t)?
-        };
-        if !ours || (!t.barrier && !register_barrier(&mut h)) {
-            return Ok(None);
-        }
-        if let Some(t) = rec.trap.as_mut() {
-            t.barrier = true;
-            t.verified = true;
-        }
-        Ok(Some(layout(&t)))
-    })();
+    let result = prepare_in(proc, rec, &mut h, caught);
     let released = h.release();
     let l = result?;
     released?;
     Ok(l)
+}
+
+/// The system calls of [`prepare`], made by the borrowed thread `h`;
+/// `caught`: some handler is installed for `SIGTRAP` (ours, if the record
+/// has one, unless the program replaced it).
+fn prepare_in(
+    proc: &Process,
+    rec: &mut Record,
+    h: &mut Hijack<'_>,
+    caught: bool,
+) -> Result<Option<TrapLayout>, Error> {
+    let t = match rec.trap.clone() {
+        Some(t) => t,
+        None => {
+            let t = map_handler(proc, h)?;
+            rec.trap = Some(t.clone());
+            t
+        }
+    };
+    let ours = if caught {
+        handler_is_ours(proc, h, &t)?
+    } else {
+        install_handler(proc, h, &t)?
+    };
+    if !ours || (!t.barrier && !register_barrier(h)) {
+        return Ok(None);
+    }
+    if let Some(t) = rec.trap.as_mut() {
+        t.barrier = true;
+        t.verified = true;
+    }
+    Ok(Some(layout(&t)))
 }
 
 /// Maps the handler (a page of scratch space, then the code, its table and
@@ -499,35 +523,30 @@ pub enum LetGo {
     Detach,
 }
 
-/// Each of `threads` stopped once, on its own (the next `ahead` ones asked
-/// to stop meanwhile, so that their waits for a core overlap), given to
-/// `look` with its registers, then let go as `let_go` says; a
-/// thread that does not stop by `deadline` (or within [`THREAD_STOP`]) is
-/// an [`suture_process::Error::Timeout`].
+/// Each of `threads` stopped once, on its own, given to `look` with its
+/// registers, then let go as `let_go` says. `at_once` threads are asked
+/// to stop at first, more while they are slow to stop, and each is looked
+/// at as soon as it stops ([`Tracer::stop_each`]). A thread that does not
+/// stop within `timeout` (at most [`THREAD_STOP`]) is an
+/// [`suture_process::Error::Timeout`].
 /// With [`LetGo::Resume`], threads born meanwhile are given to `born` (held
 /// until it returns). Threads that exit meanwhile are skipped.
 pub fn look_at_each(
     tracer: &mut Tracer<'_>,
     threads: &[Tid],
     let_go: LetGo,
-    ahead: usize,
-    deadline: Option<Instant>,
+    at_once: usize,
+    timeout: Option<Duration>,
     look: &mut dyn FnMut(&mut Tracer<'_>, Tid, &libc::user_regs_struct) -> Result<(), Error>,
     born: &mut dyn FnMut(&mut Tracer<'_>, Tid, &libc::user_regs_struct) -> Result<(), Error>,
 ) -> Result<(), Error> {
-    for &t in threads.iter().skip(1).take(ahead) {
-        let _ = tracer.request_stop(t);
-    }
-    for (i, &tid) in threads.iter().enumerate() {
-        if let Some(&next) = threads.get(i + ahead).filter(|_| i > 0) {
-            let _ = tracer.request_stop(next);
-        }
-        let timeout = deadline.map_or(THREAD_STOP, |d| {
-            THREAD_STOP.min(d.saturating_duration_since(Instant::now()))
-        });
-        let regs = match tracer.stop(tid, timeout) {
+    let timeout = timeout.map_or(THREAD_STOP, |t| t.min(THREAD_STOP));
+    tracer.stop_each::<Error>(threads, at_once, timeout, &mut |tracer, tid, stopped| {
+        let regs = match stopped {
             Ok(r) => r,
-            Err(suture_process::Error::ThreadExited { .. }) => continue,
+            Err(suture_process::Error::ThreadExited { .. }) => {
+                return Ok(ControlFlow::Continue(()))
+            }
             Err(e) => return Err(e.into()),
         };
         let r = look(tracer, tid, &regs);
@@ -543,7 +562,8 @@ pub fn look_at_each(
         if let_go == LetGo::Resume {
             drain(tracer, born)?;
         }
-    }
+        Ok(ControlFlow::Continue(()))
+    })?;
     if let_go == LetGo::Resume {
         drain(tracer, born)?;
     }
@@ -632,7 +652,7 @@ pub fn check_torn(
         &running,
         LetGo::Detach,
         running.len(),
-        Some(t0 + torn_budget()),
+        Some(torn_budget()),
         &mut look,
         &mut |_, _, _| Ok(()),
     );

@@ -630,6 +630,11 @@ fn apply_prepared(
         undo.regions.push(t.0.clone());
         Some(t)
     };
+    // Ready for live writes while the thread is borrowed anyway.
+    let live = match table {
+        Some(_) => crate::live::prepare(&s.proc, &mut s.rec, Some(&mut h))?,
+        None => None,
+    };
     // The borrowed thread goes back to its work before the image is linked
     // and written (from outside, through /proc/PID/mem).
     h.release()?;
@@ -736,7 +741,6 @@ fn apply_prepared(
         }
         Some(table) => {
             s.rec.sites = sites;
-            let live = crate::live::prepare(&s.proc, &mut s.rec)?;
             let after = model.site_modes();
             let proc = &s.proc;
             let jumps = jumps_for(proc, &before, &after);
@@ -1296,7 +1300,7 @@ pub(crate) fn finish(s: &mut Session, forced: bool) -> Result<Option<Finished>, 
     let mut sites = s.rec.sites.clone();
     let writes = site_writes(&s.proc, &mut sites, &before, &after)?;
     let mut orphans: Vec<(i32, u64)> = Vec::new();
-    let live = crate::live::prepare(&s.proc, &mut s.rec)?;
+    let live = crate::live::prepare(&s.proc, &mut s.rec, None)?;
     let live_done = match live.filter(|_| crate::live::suits(&writes)) {
         Some(l) if crate::live::set_table(&s.proc, &l, &writes)? => {
             orphans = finish_live(&s.proc, &t, &mirror, forced, &writes)?;
@@ -1496,12 +1500,18 @@ fn disable_inner(pid: i32, name: &str) -> Result<DisableReport, Error> {
     if kind == DisableKind::Started {
         callback_log = pre_unpatch(&s, name)?;
     }
-    let (table, pending, started): (_, Box<dyn Fn(u64) -> bool>, _) = match kind {
+    // A reversal rewrites stubs threads are running: the whole-process
+    // stop, so no live writes.
+    let (table, pending, started, live): (_, Box<dyn Fn(u64) -> bool>, _, _) = match kind {
         DisableKind::Started => {
             let mut h = s.proc.hijack(HIJACK_TIMEOUT)?;
             let t = transition::new_table(&mut h, threads.len());
+            let live = match t {
+                Ok(_) => crate::live::prepare(&s.proc, &mut s.rec, Some(&mut h)),
+                Err(_) => Ok(None),
+            };
             h.release()?;
-            (t?, Box::new(|_| true), now())
+            (t?, Box::new(|_| true), now(), live?)
         }
         DisableKind::Reversed => {
             // Threads still in the old start state are done; the others
@@ -1514,16 +1524,12 @@ fn disable_inner(pid: i32, name: &str) -> Result<DisableReport, Error> {
                 (t.table.clone(), t.bits),
                 Box::new(move |tp| !old.contains(tp)),
                 t.started,
+                None,
             )
         }
     };
     let after = model.site_modes();
     let fresh_table = (kind == DisableKind::Started).then(|| table.0.clone());
-    // A reversal rewrites stubs threads are running: the whole-process stop.
-    let live = match kind {
-        DisableKind::Started => crate::live::prepare(&s.proc, &mut s.rec)?,
-        DisableKind::Reversed => None,
-    };
     {
         let proc = &s.proc;
         let jumps = jumps_for(proc, &before, &after);

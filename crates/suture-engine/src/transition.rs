@@ -26,6 +26,7 @@ use crate::record::{KnownThread, Record, Region, Site, StubRecord, TransitionRec
 use crate::write::{write_code_with_hook, CodeWrite};
 use crate::Error;
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::ControlFlow;
 use std::time::Duration;
 use suture_model::{Code, Model, SiteMode, Target};
 use suture_process::{Hijack, Process, Resume, Tid, Tracer};
@@ -510,46 +511,55 @@ impl LiveBegin<'_> {
         let mut inside_stub = false;
         // A thread asleep whose pointer an earlier start read (it never
         // changes) goes into the table without being stopped; its pc comes
-        // from `/proc`. The others are each stopped once, on their own.
-        let mut to_look = Vec::new();
-        for tid in proc.threads()? {
-            let asleep = self.known.get(&tid).and_then(|k| {
-                let a = proc.asleep(tid)?;
-                (a.start_time == k.start_time).then_some((*k, a.pc))
-            });
-            match asleep {
-                Some((k, pc)) => {
-                    inside_stub |= self.stub_writes.iter().any(|w| w.tears(pc));
-                    let pending = (self.pending)(k.tp);
-                    tabled.borrow_mut().add(
-                        proc,
-                        self.bits,
-                        tid,
-                        k.tp,
-                        pending,
-                        Some(k.start_time),
-                    )?;
-                }
-                None => to_look.push(tid),
-            }
-        }
+        // from `/proc`. The others are each stopped once, on their own:
+        // first those never seen, then the known ones that were awake at
+        // the first look and are not asleep at a second (e.g. the thread
+        // just borrowed for system calls, on its way back to sleep).
         let mut tracer = proc.tracer();
-        crate::live::look_at_each(
-            &mut tracer,
-            &to_look,
-            crate::live::LetGo::Detach,
-            1,
-            None,
-            &mut |tr, tid, regs| {
-                inside_stub |= self.stub_writes.iter().any(|w| w.tears(regs.rip));
-                let pending = (self.pending)(regs.fs_base);
-                let start_time = tr.start_time(tid);
-                tabled
-                    .borrow_mut()
-                    .add(proc, self.bits, tid, regs.fs_base, pending, start_time)
-            },
-            &mut |_, _, _| Ok(()),
-        )?;
+        let mut candidates = proc.threads()?;
+        for pass in 0..2 {
+            let mut to_look = Vec::new();
+            let mut retry = Vec::new();
+            for tid in candidates {
+                let Some(k) = self.known.get(&tid) else {
+                    to_look.push(tid);
+                    continue;
+                };
+                match proc.asleep(tid).filter(|a| a.start_time == k.start_time) {
+                    Some(a) => {
+                        inside_stub |= self.stub_writes.iter().any(|w| w.tears(a.pc));
+                        let pending = (self.pending)(k.tp);
+                        tabled.borrow_mut().add(
+                            proc,
+                            self.bits,
+                            tid,
+                            k.tp,
+                            pending,
+                            Some(k.start_time),
+                        )?;
+                    }
+                    None if pass == 0 => retry.push(tid),
+                    None => to_look.push(tid),
+                }
+            }
+            crate::live::look_at_each(
+                &mut tracer,
+                &to_look,
+                crate::live::LetGo::Detach,
+                1,
+                None,
+                &mut |tr, tid, regs| {
+                    inside_stub |= self.stub_writes.iter().any(|w| w.tears(regs.rip));
+                    let pending = (self.pending)(regs.fs_base);
+                    let start_time = tr.start_time(tid);
+                    tabled
+                        .borrow_mut()
+                        .add(proc, self.bits, tid, regs.fs_base, pending, start_time)
+                },
+                &mut |_, _, _| Ok(()),
+            )?;
+            candidates = retry;
+        }
         drop(tracer);
         if inside_stub {
             return Ok(None);
@@ -781,31 +791,18 @@ impl<'a> Driver<'a> {
     }
 
     /// Stop and check every pending thread once, each on its own while the
-    /// others run. A few threads are asked to stop ahead of their turn
-    /// ([`SWEEP_AHEAD`]), so waiting for one to be scheduled overlaps the
-    /// checks of the others. Pending threads stay traced (stopping at
-    /// their system calls) when `keep`.
+    /// others run, in the order they stop ([`Tracer::stop_each`]: more
+    /// threads are asked while those asked are slow to stop, so waits for
+    /// a core overlap). Pending threads stay traced (stopping at their
+    /// system calls) when `keep`.
     pub fn sweep(&mut self, tracer: &mut Tracer<'_>, keep: bool) -> Result<(), Error> {
         let pending = self.pending();
-        let mut ahead = pending.iter().copied().peekable();
-        let mut asked: std::collections::VecDeque<i32> = std::collections::VecDeque::new();
-        for &tid in &pending {
-            while asked.len() < SWEEP_AHEAD {
-                let Some(next) = ahead.next() else { break };
-                // A failure shows again, and is handled, at its turn.
-                let _ = tracer.request_stop(next);
-                asked.push_back(next);
-            }
-            asked.retain(|&t| t != tid);
-            let regs = match tracer.stop(tid, THREAD_STOP) {
+        tracer.stop_each(&pending, 1, THREAD_STOP, &mut |tracer, tid, stopped| {
+            let regs = match stopped {
                 Ok(r) => r,
                 Err(_) if !thread_alive(self.proc, tid) => {
-                    self.rec.model.remove_thread(tid);
-                    let t = self.trans();
-                    t.tps.remove(&tid);
-                    t.blockers.remove(&tid);
-                    self.dirty = true;
-                    continue;
+                    self.on_exit(tid);
+                    return Ok(ControlFlow::Continue(()));
                 }
                 Err(e) => {
                     // Not stoppable now (e.g. the process is stopped by a
@@ -819,13 +816,13 @@ impl<'a> Driver<'a> {
                         },
                     );
                     self.dirty = true;
-                    continue;
+                    return Ok(ControlFlow::Continue(()));
                 }
             };
             let switched = self.examine(tid, &regs)?;
             self.release(tracer, tid, switched, keep)?;
-        }
-        Ok(())
+            Ok(ControlFlow::Continue(()))
+        })
     }
 
     /// Turns on the trap of every dispatch stub of the transition: from now
@@ -876,9 +873,6 @@ impl<'a> Driver<'a> {
         &self.mirror
     }
 }
-
-/// How many threads a sweep asks to stop ahead of the one it checks.
-const SWEEP_AHEAD: usize = 1;
 
 /// Whether thread `tid` of the process still exists.
 pub fn thread_alive(proc: &Process, tid: i32) -> bool {

@@ -10,6 +10,7 @@
 
 use crate::record::Region;
 use crate::Error;
+use std::ops::ControlFlow::{Break, Continue};
 use std::time::Duration;
 use suture_process::{read_stack, Process, StoppedProcess};
 
@@ -145,8 +146,6 @@ pub fn write_code_with_hook(
     )))
 }
 
-/// How many threads are asked to stop ahead of the one examined.
-const AHEAD: usize = 1;
 /// How long to wait for one thread to stop for its examination.
 const THREAD_STOP_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -182,32 +181,34 @@ pub fn unused_regions(
         if fresh.is_empty() {
             break;
         }
-        for (i, &tid) in fresh.iter().enumerate() {
-            // Ask a few threads ahead to stop, so their scheduling overlaps
-            // this one's examination.
-            if i == 0 {
-                for &t in fresh.iter().take(AHEAD) {
-                    let _ = tracer.request_stop(t);
+        tracer.stop_each(
+            &fresh,
+            1,
+            THREAD_STOP_TIMEOUT,
+            &mut |tracer, tid, stopped| {
+                let regs = match stopped {
+                    Ok(r) => r,
+                    // Gone: it can no longer be anywhere.
+                    Err(suture_process::Error::ThreadExited { .. }) => return Ok(Continue(())),
+                    Err(e) => return Err(Error::from(e)),
+                };
+                let marked = mark_thread(proc, &regs, regions, checker, &mut free);
+                let detached = tracer.detach(tid);
+                marked?;
+                match detached {
+                    Ok(()) | Err(suture_process::Error::ThreadExited { .. }) => {}
+                    Err(e) => return Err(e.into()),
                 }
-            } else if let Some(&t) = fresh.get(i + AHEAD - 1) {
-                let _ = tracer.request_stop(t);
-            }
-            let regs = match tracer.stop(tid, THREAD_STOP_TIMEOUT) {
-                Ok(r) => r,
-                // Gone: it can no longer be anywhere.
-                Err(suture_process::Error::ThreadExited { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            };
-            let marked = mark_thread(proc, &regs, regions, checker, &mut free);
-            let detached = tracer.detach(tid);
-            marked?;
-            match detached {
-                Ok(()) | Err(suture_process::Error::ThreadExited { .. }) => {}
-                Err(e) => return Err(e.into()),
-            }
-            if free.iter().all(|f| !f) {
-                return Ok(free);
-            }
+                // Once every region is in use there is nothing left to learn.
+                Ok(if free.iter().all(|f| !f) {
+                    Break(())
+                } else {
+                    Continue(())
+                })
+            },
+        )?;
+        if free.iter().all(|f| !f) {
+            return Ok(free);
         }
     }
     Ok(free)

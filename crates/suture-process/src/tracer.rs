@@ -38,7 +38,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::marker::PhantomData;
-use std::ops::Bound;
+use std::ops::{Bound, ControlFlow};
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
@@ -53,6 +53,10 @@ const DETACH_WAIT: Duration = Duration::from_secs(1);
 
 /// How often [`Tracer::next_event`] looks for ends no wait reports.
 const CHECK_INTERVAL: Duration = Duration::from_millis(50);
+
+/// How long [`Tracer::stop_each`] waits for one of the threads it asked to
+/// stop before it asks one more.
+pub const ASK_MORE_AFTER: Duration = Duration::from_micros(200);
 
 /// How long to wait for an exec to complete when a vanished tracee
 /// suggests one is under way.
@@ -272,16 +276,10 @@ impl Tracer<'_> {
             });
         }
         let deadline = Instant::now() + timeout;
-        let mut asked = Instant::now();
-        let mut interrupted = false;
         let mut report = match self.threads.get(&tid) {
             Some(t) if matches!(t.state, State::Held { .. }) => return self.held_regs(tid),
             // Asked already: only the wait is left.
-            Some(t) if t.asked.is_some() => {
-                asked = t.asked.unwrap_or(asked);
-                interrupted = true;
-                None
-            }
+            Some(t) if t.asked.is_some() => None,
             // A stop may be waiting already (e.g. a system-call entry not
             // collected yet); then no interrupt is needed.
             Some(_) => sys::wait_nohang(tid),
@@ -290,15 +288,10 @@ impl Tracer<'_> {
                 None
             }
         };
-        if report.is_none() && !interrupted {
+        if report.is_none() {
             // From here the thread waits for us: run boosted before it
             // stops, so noticing its stop is not delayed either.
-            if let Some(t) = self.threads.get_mut(&tid) {
-                t.asked = Some(asked);
-            }
-            self.update_boost();
-            // ESRCH: it is dying; the wait reports it.
-            let _ = sys::interrupt(tid);
+            self.request_stop(tid)?;
         }
         loop {
             // Checked here too: a flood of signals must not keep us past it.
@@ -308,35 +301,171 @@ impl Tracer<'_> {
                 None => None,
             };
             let Some(r) = r else {
-                return Err(Error::Timeout {
-                    what: format!(
-                        "stopping thread {tid} of process {}: it did not stop within {timeout:?} (uninterruptible sleep?); it stays traced and is resumed when it stops",
-                        self.process.pid()
-                    ),
-                });
+                return Err(self.stop_timeout(tid, timeout));
             };
-            let group = match r {
-                Report::Gone => return Err(self.gone(tid)),
-                Report::GroupStop(_) => true,
-                Report::Interrupt | Report::PtraceEvent(_) => false,
-                Report::Signal(SYSCALL_STOP) => false,
-                Report::Signal(sig) => {
-                    // Deliver it as the kernel was about to; the stop
-                    // consumed our interrupt, so ask again: the thread stops
-                    // once the delivery is set up, before any user code.
-                    let how = self.threads[&tid].how;
-                    if restart(tid, how, sig).is_ok() {
-                        let _ = sys::interrupt(tid);
-                    }
-                    continue;
-                }
-            };
-            self.set_state(tid, State::Held { group });
-            if let Some(t) = self.threads.get_mut(&tid) {
-                t.held_since = Some(asked);
-                t.asked = None;
+            if let Some(regs) = self.on_stop_report(tid, r) {
+                return regs;
             }
-            return self.held_regs(tid);
+        }
+    }
+
+    /// Stops each of `threads` once, on its own, and hands it to `f` with
+    /// its registers, or with why it could not be stopped
+    /// ([`Error::ThreadExited`], [`Error::Timeout`] once `timeout` passed
+    /// since it was asked: it stays traced and asked). `f` lets the thread
+    /// go ([`Tracer::resume`], [`Tracer::detach`]) and says whether the
+    /// walk goes on; when it ends early, or on an error from `f`, the
+    /// threads still asked stay asked.
+    ///
+    /// The threads are asked in order, `at_once` of them at first. A
+    /// sleeping thread stops within microseconds of being asked, but one
+    /// that waits for a core stops only when the scheduler next runs it
+    /// (on a saturated machine, tens of milliseconds later): whenever none
+    /// of the threads asked has stopped for [`ASK_MORE_AFTER`], one more is
+    /// asked, so those waits overlap. Each thread is handed over as soon as
+    /// it stops, in the order they stop, so a thread is held only while the
+    /// threads that stopped just before it are handled.
+    pub fn stop_each<E: From<Error>>(
+        &mut self,
+        threads: &[Tid],
+        at_once: usize,
+        timeout: Duration,
+        f: &mut dyn FnMut(
+            &mut Self,
+            Tid,
+            Result<libc::user_regs_struct>,
+        ) -> std::result::Result<ControlFlow<()>, E>,
+    ) -> std::result::Result<(), E> {
+        let mut todo = threads.iter().copied();
+        let mut asked: Vec<(Tid, Instant)> = Vec::new();
+        let mut last = Instant::now();
+        let mut backoff = Backoff::new();
+        loop {
+            sys::release_abandoned(Duration::ZERO);
+            if self.check_exec(Duration::ZERO) {
+                return Err(Error::Exited {
+                    pid: self.process.pid(),
+                }
+                .into());
+            }
+            while asked.len() < at_once.max(1) || last.elapsed() >= ASK_MORE_AFTER {
+                let Some(tid) = todo.next() else { break };
+                last = Instant::now();
+                match self.request_stop(tid) {
+                    Ok(()) => asked.push((tid, last)),
+                    Err(e) => {
+                        if f(self, tid, Err(e))?.is_break() {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+            if asked.is_empty() {
+                return Ok(());
+            }
+            let mut found = None;
+            for (i, &(tid, since)) in asked.iter().enumerate() {
+                if let Some(r) = self.collect(tid) {
+                    found = Some((i, r));
+                    break;
+                }
+                if since.elapsed() >= timeout {
+                    found = Some((i, Err(self.stop_timeout(tid, timeout))));
+                    break;
+                }
+            }
+            match found {
+                Some((i, r)) => {
+                    let (tid, _) = asked.remove(i);
+                    if f(self, tid, r)?.is_break() {
+                        return Ok(());
+                    }
+                    last = Instant::now();
+                    backoff.reset();
+                }
+                None => {
+                    let oldest = asked.iter().map(|&(_, since)| since).min();
+                    let mut wake = oldest.map_or(last, |o| o + timeout);
+                    if todo.len() > 0 {
+                        wake = wake.min(last + ASK_MORE_AFTER);
+                    }
+                    backoff.sleep(wake);
+                }
+            }
+        }
+    }
+
+    /// The stop of `tid` (asked for, or held already) if it has come,
+    /// without waiting.
+    fn collect(&mut self, tid: Tid) -> Option<Result<libc::user_regs_struct>> {
+        match self.threads.get(&tid) {
+            Some(t) if matches!(t.state, State::Held { .. }) => return Some(self.held_regs(tid)),
+            Some(_) => {}
+            None => return Some(Err(self.not_traced(tid))),
+        }
+        let r = sys::wait_nohang(tid)?;
+        self.on_stop_report(tid, r)
+    }
+
+    fn stop_timeout(&self, tid: Tid, timeout: Duration) -> Error {
+        Error::Timeout {
+            what: format!(
+                "stopping thread {tid} of process {}: it did not stop within {timeout:?} (uninterruptible sleep?); it stays traced and is resumed when it stops",
+                self.process.pid()
+            ),
+        }
+    }
+
+    /// A report about `tid`, which was asked to stop: its registers once it
+    /// is held, `None` while its stop is still to come (a signal it was
+    /// about to take is delivered first, as the kernel would have, and the
+    /// stop asked again).
+    fn on_stop_report(&mut self, tid: Tid, r: Report) -> Option<Result<libc::user_regs_struct>> {
+        let group = match r {
+            Report::Gone => return Some(Err(self.gone(tid))),
+            Report::GroupStop(_) => true,
+            Report::Interrupt | Report::Signal(SYSCALL_STOP) => false,
+            Report::PtraceEvent(ev) => {
+                if ev == libc::PTRACE_EVENT_CLONE {
+                    self.note_clone(tid);
+                }
+                false
+            }
+            Report::Signal(sig) => {
+                // Deliver it as the kernel was about to; the stop consumed
+                // our interrupt, so ask again: the thread stops once the
+                // delivery is set up, before any user code.
+                let how = self.threads[&tid].how;
+                if restart(tid, how, sig).is_ok() {
+                    let _ = sys::interrupt(tid);
+                }
+                return None;
+            }
+        };
+        let asked = self.threads.get(&tid).and_then(|t| t.asked);
+        self.set_state(tid, State::Held { group });
+        if let Some(t) = self.threads.get_mut(&tid) {
+            t.held_since = asked.or(t.held_since);
+            t.asked = None;
+        }
+        Some(self.held_regs(tid))
+    }
+
+    /// `tid` is at the stop that reports a thread it created: that thread
+    /// is traced already (births are watched) and its first stop is its
+    /// birth.
+    fn note_clone(&mut self, tid: Tid) {
+        if let Ok(child) = sys::event_msg(tid) {
+            let child = child as Tid;
+            let start_time = self.process.thread_stat(child).map_or(0, |s| s.start_time);
+            self.threads.entry(child).or_insert(Traced {
+                how: Resume::Run,
+                state: State::Running,
+                start_time,
+                held_since: None,
+                asked: None,
+                unborn: true,
+            });
         }
     }
 
@@ -557,19 +686,7 @@ impl Tracer<'_> {
             }
         }
         if report == Report::PtraceEvent(libc::PTRACE_EVENT_CLONE) {
-            // The new thread is traced already; its first stop reports it.
-            if let Ok(child) = sys::event_msg(tid) {
-                let child = child as Tid;
-                let start_time = self.process.thread_stat(child).map_or(0, |s| s.start_time);
-                self.threads.entry(child).or_insert(Traced {
-                    how: Resume::Run,
-                    state: State::Running,
-                    start_time,
-                    held_since: None,
-                    asked: None,
-                    unborn: true,
-                });
-            }
+            self.note_clone(tid);
         }
         let (state, request, result) = match report {
             Report::Gone => unreachable!("handled above"),

@@ -266,7 +266,10 @@ fn hijack_while_process_is_group_stopped() {
 fn target_exiting_during_hijack_reports_exited() {
     let mut target = Target::start("exiter");
     let process = Process::open(target.pid).unwrap();
-    let mut hj = process.hijack(T).unwrap();
+    // The main thread, by name: `hijack` could take the worker (if the
+    // main thread is not in `pause` yet), which then could not read the
+    // byte that makes it exit.
+    let mut hj = process.hijack_thread(target.pid, T).unwrap();
     assert_eq!(hj.getpid().unwrap(), target.pid);
     // Another thread now calls exit(); our borrowed thread dies with it.
     target.send("x");

@@ -4,6 +4,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
+use std::ops::ControlFlow;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -657,6 +658,117 @@ fn a_thread_in_uninterruptible_sleep_times_out_and_is_detached_later() {
     drop(tracer);
     t.assert_untraced();
     t.assert_everyone_runs();
+}
+
+#[test]
+fn stop_each_is_not_held_up_by_a_thread_that_cannot_stop() {
+    let mut t = Tracee::start();
+    t.target.send("vfork");
+    t.target.wait_thread_state(t.vforker, 'D');
+    let process = Process::open(t.pid()).unwrap();
+    let mut tracer = process.tracer();
+    let mut handed = Vec::new();
+    // The thread in uninterruptible sleep is asked first and alone: the
+    // others are asked while it does not stop, and handed over as they do.
+    tracer
+        .stop_each::<Error>(
+            &[t.vforker, t.looper, t.sleeper, t.pid()],
+            1,
+            Duration::from_secs(3),
+            &mut |tr, tid, stopped| {
+                match stopped {
+                    Ok(regs) => {
+                        assert_ne!(regs.rip, 0);
+                        // Held while it is handed over.
+                        assert_eq!(t.target.thread_state(tid), 't', "thread {tid}");
+                        tr.detach(tid)?;
+                        handed.push((tid, true));
+                    }
+                    Err(Error::Timeout { .. }) => handed.push((tid, false)),
+                    Err(e) => return Err(e),
+                }
+                Ok(ControlFlow::Continue(()))
+            },
+        )
+        .unwrap();
+    assert_eq!(handed.len(), 4, "{handed:?}");
+    assert_eq!(handed[3], (t.vforker, false), "{handed:?}");
+    let mut stopped: Vec<Tid> = handed[..3]
+        .iter()
+        .map(|&(tid, ok)| {
+            assert!(ok);
+            tid
+        })
+        .collect();
+    stopped.sort_unstable();
+    let mut want = vec![t.looper, t.sleeper, t.pid()];
+    want.sort_unstable();
+    assert_eq!(stopped, want);
+    // The one that timed out stays traced, its stop still asked for.
+    assert_eq!(tracer.traced(), [t.vforker]);
+    // Once it leaves vfork() it stops at the pending interrupt; the drop
+    // lets it go.
+    t.target.send("vfork-release");
+    drop(tracer);
+    assert_eq!(Process::release_abandoned_threads(ANSWER_TIMEOUT), 0);
+    t.target.expect("vfork done 1");
+    t.assert_untraced();
+    t.assert_everyone_runs();
+}
+
+#[test]
+fn stop_each_hands_over_every_thread_once_even_more_spinners_than_cores() {
+    let target = Target::start("threads");
+    let process = Process::open(target.pid).unwrap();
+    let threads = process.threads().unwrap();
+    let mut tracer = process.tracer();
+    let mut handed = Vec::new();
+    let mut exited = 0;
+    tracer
+        .stop_each::<Error>(&threads, 1, T, &mut |tr, tid, stopped| {
+            match stopped {
+                Ok(_) => {
+                    tr.detach(tid)?;
+                    handed.push(tid);
+                }
+                // A short-lived thread of the churner.
+                Err(Error::ThreadExited { .. }) => exited += 1,
+                Err(e) => return Err(e),
+            }
+            Ok(ControlFlow::Continue(()))
+        })
+        .unwrap();
+    assert_eq!(handed.len() + exited, threads.len());
+    let once: std::collections::BTreeSet<Tid> = handed.iter().copied().collect();
+    assert_eq!(
+        once.len(),
+        handed.len(),
+        "a thread handed over twice: {handed:?}"
+    );
+    // main + 8 spinners + pipe reader + cond waiter + sleeper + churner.
+    assert!(handed.len() >= 13, "{handed:?}");
+    assert!(tracer.traced().is_empty());
+    // An early end leaves the threads still asked traced; dropping the
+    // tracer lets them go.
+    let mut first = None;
+    tracer
+        .stop_each::<Error>(&threads[..3], 3, T, &mut |tr, tid, stopped| {
+            stopped?;
+            tr.detach(tid)?;
+            first = Some(tid);
+            Ok(ControlFlow::Break(()))
+        })
+        .unwrap();
+    assert!(first.is_some());
+    assert!(tracer.traced().len() <= 2);
+    drop(tracer);
+    for tid in process.threads().unwrap() {
+        let status = format!("/proc/{}/task/{tid}/status", target.pid);
+        if let Ok(status) = std::fs::read_to_string(status) {
+            let tracer = status.lines().find_map(|l| l.strip_prefix("TracerPid:"));
+            assert_eq!(tracer.map(str::trim), Some("0"), "thread {tid}");
+        }
+    }
 }
 
 #[test]
