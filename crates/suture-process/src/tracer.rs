@@ -141,6 +141,16 @@ struct Traced {
     unborn: bool,
 }
 
+/// What [`Tracer::stop_each`] gives each thread to: the tracer, the thread
+/// and its registers (or why it could not be stopped); it lets the thread
+/// go and says whether the walk goes on.
+pub type HandOver<'f, 'p, E> = dyn FnMut(
+        &mut Tracer<'p>,
+        Tid,
+        Result<libc::user_regs_struct>,
+    ) -> std::result::Result<ControlFlow<()>, E>
+    + 'f;
+
 /// Single threads of a process traced for as long as this lives; see the
 /// module documentation. Detaches every thread on drop (bounded).
 ///
@@ -191,7 +201,7 @@ impl Process {
     }
 }
 
-impl Tracer<'_> {
+impl<'p> Tracer<'p> {
     /// The traced threads, sorted.
     pub fn traced(&self) -> Vec<Tid> {
         self.threads.keys().copied().collect()
@@ -330,11 +340,7 @@ impl Tracer<'_> {
         threads: &[Tid],
         at_once: usize,
         timeout: Duration,
-        f: &mut dyn FnMut(
-            &mut Self,
-            Tid,
-            Result<libc::user_regs_struct>,
-        ) -> std::result::Result<ControlFlow<()>, E>,
+        f: &mut HandOver<'_, 'p, E>,
     ) -> std::result::Result<(), E> {
         let mut todo = threads.iter().copied();
         let mut asked: Vec<(Tid, Instant)> = Vec::new();
