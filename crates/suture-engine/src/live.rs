@@ -90,58 +90,81 @@ fn layout(t: &TrapRecord) -> TrapLayout {
 
 /// Makes the target ready for live writes (maps the handler, installs it
 /// for `SIGTRAP`, registers for `membarrier`), or says why not (`None`:
-/// use the whole-process stop). Its system calls are made by `borrowed`,
-/// a thread the caller holds already, if given (one stop of one thread
-/// fewer per command), else by a thread borrowed for them. `rec.trap` is
+/// use the whole-process stop): [`readiness`], then
+/// [`Readiness::complete`] by a thread borrowed for it. `rec.trap` is
 /// updated; the caller saves the record.
-pub fn prepare(
-    proc: &Process,
-    rec: &mut Record,
-    borrowed: Option<&mut Hijack<'_>>,
-) -> Result<Option<TrapLayout>, Error> {
-    let t0 = Instant::now();
-    let r = prepare_inner(proc, rec, borrowed);
-    debug_step("prepare", t0);
-    r
+pub fn prepare(proc: &Process, rec: &mut Record) -> Result<Option<TrapLayout>, Error> {
+    readiness(proc, rec)?.complete(proc, rec, None)
 }
 
-fn prepare_inner(
-    proc: &Process,
-    rec: &mut Record,
-    borrowed: Option<&mut Hijack<'_>>,
-) -> Result<Option<TrapLayout>, Error> {
+/// How far the target is from live writes, as [`readiness`] finds it.
+pub enum Readiness {
+    /// Live writes cannot be used now (see the module documentation).
+    Unsuitable,
+    /// Ready already: this command checked the handler.
+    Ready(TrapLayout),
+    /// System calls in the target are needed; `caught`: some handler is
+    /// installed for `SIGTRAP` (ours, unless the program replaced it).
+    NeedsThread { caught: bool },
+}
+
+/// The checks of [`prepare`] that need no thread of the target: made
+/// before a thread is borrowed (they read `/proc` for every thread, which
+/// a borrowed thread would wait for).
+pub fn readiness(proc: &Process, rec: &Record) -> Result<Readiness, Error> {
     if disabled() {
-        return Ok(None);
+        return Ok(Readiness::Unsuitable);
     }
     let (caught, ignored) = proc.signal_disposition(SIGTRAP)?;
     if ignored || (caught && rec.trap.is_none()) {
-        return Ok(None);
+        return Ok(Readiness::Unsuitable);
     }
     if !proc.threads_blocking(SIGTRAP)?.is_empty() {
-        return Ok(None);
+        return Ok(Readiness::Unsuitable);
     }
     if rec.trap.as_ref().is_some_and(|t| undo_log(t).is_none()) {
         // Mapped by an older suture, without room for the undo log.
-        return Ok(None);
+        return Ok(Readiness::Unsuitable);
     }
     let ready = rec.trap.as_ref().is_some_and(|t| t.barrier && t.verified);
-    if caught && ready {
-        return Ok(rec.trap.as_ref().map(layout));
-    }
-    if let Some(h) = borrowed {
-        return prepare_in(proc, rec, h, caught);
-    }
-    let mut h = proc.hijack(HIJACK_TIMEOUT)?;
-    let result = prepare_in(proc, rec, &mut h, caught);
-    let released = h.release();
-    let l = result?;
-    released?;
-    Ok(l)
+    Ok(match rec.trap.as_ref() {
+        Some(t) if caught && ready => Readiness::Ready(layout(t)),
+        _ => Readiness::NeedsThread { caught },
+    })
 }
 
-/// The system calls of [`prepare`], made by the borrowed thread `h`;
-/// `caught`: some handler is installed for `SIGTRAP` (ours, if the record
-/// has one, unless the program replaced it).
+impl Readiness {
+    /// Makes the system calls still needed, by `borrowed` (a thread the
+    /// caller holds already: one stop of one thread fewer per command) or
+    /// by a thread borrowed for them; the layout if live writes can be
+    /// used.
+    pub fn complete(
+        self,
+        proc: &Process,
+        rec: &mut Record,
+        borrowed: Option<&mut Hijack<'_>>,
+    ) -> Result<Option<TrapLayout>, Error> {
+        let t0 = Instant::now();
+        let _d = Defer(move || debug_step("prepare", t0));
+        let caught = match self {
+            Readiness::Unsuitable => return Ok(None),
+            Readiness::Ready(l) => return Ok(Some(l)),
+            Readiness::NeedsThread { caught } => caught,
+        };
+        if let Some(h) = borrowed {
+            return prepare_in(proc, rec, h, caught);
+        }
+        let mut h = proc.hijack(HIJACK_TIMEOUT)?;
+        let result = prepare_in(proc, rec, &mut h, caught);
+        let released = h.release();
+        let l = result?;
+        released?;
+        Ok(l)
+    }
+}
+
+/// The system calls of [`Readiness::complete`], made by the borrowed
+/// thread `h`.
 fn prepare_in(
     proc: &Process,
     rec: &mut Record,

@@ -549,6 +549,12 @@ fn apply_prepared(
         uses_runtime,
     } = p;
     let maps = s.proc.maps()?;
+    // Checked before a thread is borrowed: it reads `/proc` for every thread.
+    let readiness = if transition::immediate() {
+        crate::live::Readiness::Unsuitable
+    } else {
+        crate::live::readiness(&s.proc, &s.rec)?
+    };
     let mut h = s.proc.hijack(HIJACK_TIMEOUT)?;
     if s.store.is_none() {
         s.store = Some(store::create(&mut h)?);
@@ -631,10 +637,7 @@ fn apply_prepared(
         Some(t)
     };
     // Ready for live writes while the thread is borrowed anyway.
-    let live = match table {
-        Some(_) => crate::live::prepare(&s.proc, &mut s.rec, Some(&mut h))?,
-        None => None,
-    };
+    let live = readiness.complete(&s.proc, &mut s.rec, Some(&mut h))?;
     // The borrowed thread goes back to its work before the image is linked
     // and written (from outside, through /proc/PID/mem).
     h.release()?;
@@ -1300,7 +1303,7 @@ pub(crate) fn finish(s: &mut Session, forced: bool) -> Result<Option<Finished>, 
     let mut sites = s.rec.sites.clone();
     let writes = site_writes(&s.proc, &mut sites, &before, &after)?;
     let mut orphans: Vec<(i32, u64)> = Vec::new();
-    let live = crate::live::prepare(&s.proc, &mut s.rec, None)?;
+    let live = crate::live::prepare(&s.proc, &mut s.rec)?;
     let live_done = match live.filter(|_| crate::live::suits(&writes)) {
         Some(l) if crate::live::set_table(&s.proc, &l, &writes)? => {
             orphans = finish_live(&s.proc, &t, &mirror, forced, &writes)?;
@@ -1504,10 +1507,11 @@ fn disable_inner(pid: i32, name: &str) -> Result<DisableReport, Error> {
     // stop, so no live writes.
     let (table, pending, started, live): (_, Box<dyn Fn(u64) -> bool>, _, _) = match kind {
         DisableKind::Started => {
+            let readiness = crate::live::readiness(&s.proc, &s.rec)?;
             let mut h = s.proc.hijack(HIJACK_TIMEOUT)?;
             let t = transition::new_table(&mut h, threads.len());
             let live = match t {
-                Ok(_) => crate::live::prepare(&s.proc, &mut s.rec, Some(&mut h)),
+                Ok(_) => readiness.complete(&s.proc, &mut s.rec, Some(&mut h)),
                 Err(_) => Ok(None),
             };
             h.release()?;
