@@ -94,7 +94,8 @@ impl Suture {
     /// (e.g. with `SUTURE_DEBUG_HOLDS=1`), else kept for the error.
     pub fn cmd(&self, args: &[&str]) -> Result<String> {
         let mut c = Command::new(&self.bin);
-        c.args(args);
+        // Like an operator's command: not in the session of the target.
+        crate::util::own_session(&mut c).args(args);
         if std::env::var_os("SUTURE_BENCH_STDERR").is_some_and(|v| v == "1") {
             c.stderr(std::process::Stdio::inherit());
         }

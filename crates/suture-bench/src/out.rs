@@ -32,7 +32,9 @@ fn preamble() -> String {
         m,
         "Machine: {cpu}, {cores} cores, Linux {kernel}. The machine is shared and noisy: every figure is \
          a median over rounds, with the spread (min..max of the rounds), and every mode is measured side \
-         by side in the same run and the same process. Raw figures: `BENCHMARKS.json` (one key per \
+         by side in the same run and the same process. Every target and every `suture` command runs in \
+         a session of its own, as a service and an operator's shell do: with the kernel's autogroup \
+         scheduling the CPU is shared between sessions first. Raw figures: `BENCHMARKS.json` (one key per \
          benchmark; each command rewrites only its own section there and here).\n"
     );
     m

@@ -60,7 +60,7 @@ struct Service(Child);
 
 impl Service {
     fn start(exe: &Path, port: u16) -> Result<(Service, i32)> {
-        let mut child = Command::new(exe)
+        let mut child = util::own_session(&mut Command::new(exe))
             .arg(port.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

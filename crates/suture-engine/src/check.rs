@@ -64,6 +64,9 @@ impl Checker {
             let Ok((_, bias)) = o.elf() else { continue };
             let _ = unwinder.add_object(&o.path, &bytes, bias, &o.exec_ranges);
         }
+        if let Some(v) = objects.vdso(proc) {
+            let _ = unwinder.add_object("[vdso]", &v.image, v.bias, &[v.range]);
+        }
         for (name, m) in rec
             .patches
             .iter()

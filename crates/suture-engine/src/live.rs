@@ -54,8 +54,13 @@ const SA_SIGINFO: u64 = 4;
 const SA_RESTORER: u64 = 0x0400_0000;
 const SA_ONSTACK: u64 = 0x0800_0000;
 const HIJACK_TIMEOUT: Duration = Duration::from_secs(3);
-/// How long one thread may take to stop for its look in a [`Window`].
+/// How long one thread may take to stop for its look in a [`Window`]
+/// (unless it is runnable then: see [`RUNNABLE_STOP`]).
 const THREAD_STOP: Duration = Duration::from_millis(500);
+/// How long a thread that is runnable (waiting for a core) may take to
+/// stop: on a saturated machine that is the scheduler's round over every
+/// runnable thread.
+pub const RUNNABLE_STOP: Duration = Duration::from_secs(30);
 
 /// Live writes are the default; `SUTURE_LIVE_WRITE=0` turns them off (the
 /// whole-process stop of `write.rs` then writes every jump).
@@ -550,8 +555,8 @@ pub enum LetGo {
 /// registers, then let go as `let_go` says. `at_once` threads are asked
 /// to stop at first, more while they are slow to stop, and each is looked
 /// at as soon as it stops ([`Tracer::stop_each`]). A thread that does not
-/// stop within `timeout` (at most [`THREAD_STOP`]) is an
-/// [`suture_process::Error::Timeout`].
+/// stop within `timeout` (default: [`THREAD_STOP`], or [`RUNNABLE_STOP`]
+/// for one that waits for a core) is an [`suture_process::Error::Timeout`].
 /// With [`LetGo::Resume`], threads born meanwhile are given to `born` (held
 /// until it returns). Threads that exit meanwhile are skipped.
 pub fn look_at_each(
@@ -563,30 +568,36 @@ pub fn look_at_each(
     look: &mut dyn FnMut(&mut Tracer<'_>, Tid, &libc::user_regs_struct) -> Result<(), Error>,
     born: &mut dyn FnMut(&mut Tracer<'_>, Tid, &libc::user_regs_struct) -> Result<(), Error>,
 ) -> Result<(), Error> {
-    let timeout = timeout.map_or(THREAD_STOP, |t| t.min(THREAD_STOP));
-    tracer.stop_each::<Error>(threads, at_once, timeout, &mut |tracer, tid, stopped| {
-        let regs = match stopped {
-            Ok(r) => r,
-            Err(suture_process::Error::ThreadExited { .. }) => {
-                return Ok(ControlFlow::Continue(()))
+    let (timeout, runnable) = timeout.map_or((THREAD_STOP, RUNNABLE_STOP), |t| (t, t));
+    tracer.stop_each::<Error>(
+        threads,
+        at_once,
+        timeout,
+        runnable,
+        &mut |tracer, tid, stopped| {
+            let regs = match stopped {
+                Ok(r) => r,
+                Err(suture_process::Error::ThreadExited { .. }) => {
+                    return Ok(ControlFlow::Continue(()))
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let r = look(tracer, tid, &regs);
+            let gone = match let_go {
+                LetGo::Resume => tracer.resume(tid, suture_process::Resume::Run),
+                LetGo::Detach => tracer.detach(tid),
+            };
+            match gone {
+                Ok(()) | Err(suture_process::Error::ThreadExited { .. }) => {}
+                Err(e) => return Err(e.into()),
             }
-            Err(e) => return Err(e.into()),
-        };
-        let r = look(tracer, tid, &regs);
-        let gone = match let_go {
-            LetGo::Resume => tracer.resume(tid, suture_process::Resume::Run),
-            LetGo::Detach => tracer.detach(tid),
-        };
-        match gone {
-            Ok(()) | Err(suture_process::Error::ThreadExited { .. }) => {}
-            Err(e) => return Err(e.into()),
-        }
-        r?;
-        if let_go == LetGo::Resume {
-            drain(tracer, born)?;
-        }
-        Ok(ControlFlow::Continue(()))
-    })?;
+            r?;
+            if let_go == LetGo::Resume {
+                drain(tracer, born)?;
+            }
+            Ok(ControlFlow::Continue(()))
+        },
+    )?;
     if let_go == LetGo::Resume {
         drain(tracer, born)?;
     }

@@ -88,6 +88,16 @@ pub struct Objects {
     pub list: Vec<LoadedObject>,
     /// The process they belong to.
     pid: i32,
+    /// Where the kernel mapped the vDSO (`clock_gettime` and friends).
+    vdso: Option<(u64, u64)>,
+}
+
+/// The vDSO as the unwinder needs it: its ELF image, read from the
+/// target's memory (it has no file), its load bias and its range.
+pub struct Vdso {
+    pub image: Vec<u8>,
+    pub bias: u64,
+    pub range: (u64, u64),
 }
 
 fn is_file_path(p: &str) -> bool {
@@ -101,10 +111,14 @@ impl Objects {
             s.trim_end_matches(" (deleted)").to_string()
         });
         let mut list: Vec<LoadedObject> = Vec::new();
+        let mut vdso = None;
         for m in maps {
             let Some(path) = m.path.as_deref() else {
                 continue;
             };
+            if path == "[vdso]" {
+                vdso = Some((m.start, m.end));
+            }
             if !is_file_path(path) || m.inode == 0 {
                 continue;
             }
@@ -137,6 +151,20 @@ impl Objects {
         Ok(Objects {
             list,
             pid: proc.pid(),
+            vdso,
+        })
+    }
+
+    /// The vDSO's image, if the process has one and it parses: a thread
+    /// reading the clock is inside it.
+    pub fn vdso(&self, proc: &Process) -> Option<Vdso> {
+        let (start, end) = self.vdso?;
+        let image = proc.read_mem(start, (end - start) as usize).ok()?;
+        let bias = ObjectFile::parse(&image).ok()?.load_bias(start, 0)?;
+        Some(Vdso {
+            image,
+            bias,
+            range: (start, end),
         })
     }
 

@@ -797,32 +797,39 @@ impl<'a> Driver<'a> {
     /// system calls) when `keep`.
     pub fn sweep(&mut self, tracer: &mut Tracer<'_>, keep: bool) -> Result<(), Error> {
         let pending = self.pending();
-        tracer.stop_each(&pending, 1, THREAD_STOP, &mut |tracer, tid, stopped| {
-            let regs = match stopped {
-                Ok(r) => r,
-                Err(_) if !thread_alive(self.proc, tid) => {
-                    self.on_exit(tid);
-                    return Ok(ControlFlow::Continue(()));
-                }
-                Err(e) => {
-                    // Not stoppable now (e.g. the process is stopped by a
-                    // signal): it stays pending, and says why.
-                    let t = self.trans();
-                    t.blockers.insert(
-                        tid,
-                        crate::record::Blocker {
-                            reason: format!("it could not be stopped for its check: {e}"),
-                            frames: vec![],
-                        },
-                    );
-                    self.dirty = true;
-                    return Ok(ControlFlow::Continue(()));
-                }
-            };
-            let switched = self.examine(tid, &regs)?;
-            self.release(tracer, tid, switched, keep)?;
-            Ok(ControlFlow::Continue(()))
-        })
+        let runnable = crate::live::RUNNABLE_STOP;
+        tracer.stop_each(
+            &pending,
+            1,
+            THREAD_STOP,
+            runnable,
+            &mut |tracer, tid, stopped| {
+                let regs = match stopped {
+                    Ok(r) => r,
+                    Err(_) if !thread_alive(self.proc, tid) => {
+                        self.on_exit(tid);
+                        return Ok(ControlFlow::Continue(()));
+                    }
+                    Err(e) => {
+                        // Not stoppable now (e.g. the process is stopped by a
+                        // signal): it stays pending, and says why.
+                        let t = self.trans();
+                        t.blockers.insert(
+                            tid,
+                            crate::record::Blocker {
+                                reason: format!("it could not be stopped for its check: {e}"),
+                                frames: vec![],
+                            },
+                        );
+                        self.dirty = true;
+                        return Ok(ControlFlow::Continue(()));
+                    }
+                };
+                let switched = self.examine(tid, &regs)?;
+                self.release(tracer, tid, switched, keep)?;
+                Ok(ControlFlow::Continue(()))
+            },
+        )
     }
 
     /// Turns on the trap of every dispatch stub of the transition: from now

@@ -185,6 +185,7 @@ pub fn unused_regions(
             &fresh,
             1,
             THREAD_STOP_TIMEOUT,
+            crate::live::RUNNABLE_STOP,
             &mut |tracer, tid, stopped| {
                 let regs = match stopped {
                     Ok(r) => r,

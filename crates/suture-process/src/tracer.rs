@@ -322,7 +322,8 @@ impl<'p> Tracer<'p> {
     /// Stops each of `threads` once, on its own, and hands it to `f` with
     /// its registers, or with why it could not be stopped
     /// ([`Error::ThreadExited`], [`Error::Timeout`] once `timeout` passed
-    /// since it was asked: it stays traced and asked). `f` lets the thread
+    /// since it was asked, or `runnable_timeout` if it is runnable then,
+    /// waiting for a core: it stays traced and asked). `f` lets the thread
     /// go ([`Tracer::resume`], [`Tracer::detach`]) and says whether the
     /// walk goes on; when it ends early, or on an error from `f`, the
     /// threads still asked stay asked.
@@ -340,10 +341,12 @@ impl<'p> Tracer<'p> {
         threads: &[Tid],
         at_once: usize,
         timeout: Duration,
+        runnable_timeout: Duration,
         f: &mut HandOver<'_, 'p, E>,
     ) -> std::result::Result<(), E> {
         let mut todo = threads.iter().copied();
-        let mut asked: Vec<(Tid, Instant)> = Vec::new();
+        // Each thread asked: when, and when it times out.
+        let mut asked: Vec<(Tid, Instant, Instant)> = Vec::new();
         let mut last = Instant::now();
         let mut backoff = Backoff::new();
         loop {
@@ -358,7 +361,7 @@ impl<'p> Tracer<'p> {
                 let Some(tid) = todo.next() else { break };
                 last = Instant::now();
                 match self.request_stop(tid) {
-                    Ok(()) => asked.push((tid, last)),
+                    Ok(()) => asked.push((tid, last, last + timeout)),
                     Err(e) => {
                         if f(self, tid, Err(e))?.is_break() {
                             return Ok(());
@@ -370,19 +373,26 @@ impl<'p> Tracer<'p> {
                 return Ok(());
             }
             let mut found = None;
-            for (i, &(tid, since)) in asked.iter().enumerate() {
-                if let Some(r) = self.collect(tid) {
+            for (i, (tid, since, deadline)) in asked.iter_mut().enumerate() {
+                if let Some(r) = self.collect(*tid) {
                     found = Some((i, r));
                     break;
                 }
-                if since.elapsed() >= timeout {
-                    found = Some((i, Err(self.stop_timeout(tid, timeout))));
+                if Instant::now() >= *deadline {
+                    // A runnable thread stops as soon as it gets a core,
+                    // which on a saturated machine can take longer.
+                    let stat = self.process.thread_stat(*tid);
+                    if stat.is_some_and(|s| s.state == 'R') && since.elapsed() < runnable_timeout {
+                        *deadline += timeout;
+                        continue;
+                    }
+                    found = Some((i, Err(self.stop_timeout(*tid, timeout))));
                     break;
                 }
             }
             match found {
                 Some((i, r)) => {
-                    let (tid, _) = asked.remove(i);
+                    let (tid, _, _) = asked.remove(i);
                     if f(self, tid, r)?.is_break() {
                         return Ok(());
                     }
@@ -390,8 +400,8 @@ impl<'p> Tracer<'p> {
                     backoff.reset();
                 }
                 None => {
-                    let oldest = asked.iter().map(|&(_, since)| since).min();
-                    let mut wake = oldest.map_or(last, |o| o + timeout);
+                    let first = asked.iter().map(|&(_, _, deadline)| deadline).min();
+                    let mut wake = first.unwrap_or(last);
                     if todo.len() > 0 {
                         wake = wake.min(last + ASK_MORE_AFTER);
                     }

@@ -675,6 +675,7 @@ fn stop_each_is_not_held_up_by_a_thread_that_cannot_stop() {
             &[t.vforker, t.looper, t.sleeper, t.pid()],
             1,
             Duration::from_secs(3),
+            Duration::from_secs(3),
             &mut |tr, tid, stopped| {
                 match stopped {
                     Ok(regs) => {
@@ -725,7 +726,7 @@ fn stop_each_hands_over_every_thread_once_even_more_spinners_than_cores() {
     let mut handed = Vec::new();
     let mut exited = 0;
     tracer
-        .stop_each::<Error>(&threads, 1, T, &mut |tr, tid, stopped| {
+        .stop_each::<Error>(&threads, 1, T, T, &mut |tr, tid, stopped| {
             match stopped {
                 Ok(_) => {
                     tr.detach(tid)?;
@@ -752,7 +753,7 @@ fn stop_each_hands_over_every_thread_once_even_more_spinners_than_cores() {
     // tracer lets them go.
     let mut first = None;
     tracer
-        .stop_each::<Error>(&threads[..3], 3, T, &mut |tr, tid, stopped| {
+        .stop_each::<Error>(&threads[..3], 3, T, T, &mut |tr, tid, stopped| {
             stopped?;
             tr.detach(tid)?;
             first = Some(tid);
