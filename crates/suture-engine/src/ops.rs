@@ -496,6 +496,8 @@ pub fn check(pid: i32, path: &Path) -> Result<CheckReport, Error> {
 struct Undo {
     regions: Vec<Region>,
     new_arenas: usize,
+    /// The record's spare pending table, taken for the transition.
+    spare_table: Option<Region>,
 }
 
 /// Load and enable a patch.
@@ -512,6 +514,9 @@ pub fn apply(pid: i32, path: &Path) -> Result<ApplyReport, Error> {
     if result.is_err() {
         // Put the target back as it was: nothing of ours is referenced yet.
         s.rec.arenas.truncate(arenas_before);
+        if undo.spare_table.is_some() {
+            s.rec.spare_table = undo.spare_table.take();
+        }
         // The record of the patch may have been stored just before a write
         // that then failed (and was undone): store the old one again.
         if s.store.is_some() {
@@ -632,9 +637,13 @@ fn apply_prepared(
     let table = if transition::immediate() {
         None
     } else {
-        let t = transition::new_table(&mut h, s.proc.threads()?.len())?;
-        undo.regions.push(t.0.clone());
-        Some(t)
+        let t = transition::new_table(&mut h, &mut s.rec, s.proc.threads()?.len())?;
+        if t.reused {
+            undo.spare_table = Some(t.region.clone());
+        } else {
+            undo.regions.push(t.region.clone());
+        }
+        Some((t.region, t.bits))
     };
     // Ready for live writes while the thread is borrowed anyway.
     let live = readiness.complete(&s.proc, &mut s.rec, Some(&mut h))?;
@@ -1196,7 +1205,11 @@ fn collect_garbage(s: &mut Session, attempts: u32) -> Result<(u64, u64), Error> 
         let mut keep_tables = Vec::new();
         for (r, free) in tables.into_iter().zip(table_free) {
             if *free && no_stub_busy {
-                unmap.push(r);
+                // One is kept for the next transition (`new_table`).
+                match s.rec.spare_table {
+                    None => s.rec.spare_table = Some(r),
+                    Some(_) => unmap.push(r),
+                }
             } else {
                 keep_tables.push(r);
             }
@@ -1505,17 +1518,20 @@ fn disable_inner(pid: i32, name: &str) -> Result<DisableReport, Error> {
     }
     // A reversal rewrites stubs threads are running: the whole-process
     // stop, so no live writes.
+    let mut reused_table = false;
     let (table, pending, started, live): (_, Box<dyn Fn(u64) -> bool>, _, _) = match kind {
         DisableKind::Started => {
             let readiness = crate::live::readiness(&s.proc, &s.rec)?;
             let mut h = s.proc.hijack(HIJACK_TIMEOUT)?;
-            let t = transition::new_table(&mut h, threads.len());
+            let t = transition::new_table(&mut h, &mut s.rec, threads.len());
             let live = match t {
                 Ok(_) => readiness.complete(&s.proc, &mut s.rec, Some(&mut h)),
                 Err(_) => Ok(None),
             };
             h.release()?;
-            (t?, Box::new(|_| true), now(), live?)
+            let t = t?;
+            reused_table = t.reused;
+            ((t.region, t.bits), Box::new(|_| true), now(), live?)
         }
         DisableKind::Reversed => {
             // Threads still in the old start state are done; the others
@@ -1548,7 +1564,10 @@ fn disable_inner(pid: i32, name: &str) -> Result<DisableReport, Error> {
             &mut |_, _| Ok(()),
             live.as_ref(),
         ) {
-            if let Some(r) = fresh_table {
+            if reused_table {
+                // Still the spare in the record stored before this command.
+                s.rec.spare_table = fresh_table;
+            } else if let Some(r) = fresh_table {
                 if let Ok(mut h) = s.proc.hijack(HIJACK_TIMEOUT) {
                     let _ = h.munmap(r.addr, r.len);
                     let _ = h.release();

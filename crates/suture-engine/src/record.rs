@@ -200,6 +200,11 @@ pub struct Record {
     /// thread can still be using it.
     #[serde(default)]
     pub retired_regions: Vec<Region>,
+    /// A pending table of a finished transition that no thread can be
+    /// using any more (the garbage collection proved it), kept for the
+    /// next transition: one mapping fewer for the thread a command borrows.
+    #[serde(default)]
+    pub spare_table: Option<Region>,
     /// The transition in progress, if any.
     #[serde(default)]
     pub transition: Option<TransitionRecord>,

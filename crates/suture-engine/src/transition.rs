@@ -49,13 +49,40 @@ pub fn table_bits(threads: usize) -> u32 {
     want.trailing_zeros().clamp(8, 16)
 }
 
-/// Map a pending table for about `threads` threads.
-pub fn new_table(h: &mut Hijack<'_>, threads: usize) -> Result<(Region, u32), Error> {
+/// A pending table for a transition, from [`new_table`].
+pub struct NewTable {
+    pub region: Region,
+    pub bits: u32,
+    /// It is the record's spare table: if the transition is not started
+    /// after all, it goes back there (`Record::spare_table`), not unmapped
+    /// (a record stored earlier may still name it as the spare).
+    pub reused: bool,
+}
+
+/// A pending table for about `threads` threads: the record's spare one if
+/// it is large enough (the start writes all of it that the dispatch stubs
+/// read), else a new mapping (a spare too small is retired, for the
+/// garbage collection to unmap).
+pub fn new_table(h: &mut Hijack<'_>, rec: &mut Record, threads: usize) -> Result<NewTable, Error> {
     let bits = table_bits(threads);
+    if let Some(region) = rec.spare_table.take() {
+        if 8u64 << bits <= region.len {
+            return Ok(NewTable {
+                region,
+                bits,
+                reused: true,
+            });
+        }
+        rec.retired_regions.push(region);
+    }
     let len = memory::page_up(8u64 << bits);
     let addr =
         memory::create_named_mapping(h, memory::TABLE_NAME, len, None, memory::PROT_RW, false)?;
-    Ok((Region { addr, len }, bits))
+    Ok(NewTable {
+        region: Region { addr, len },
+        bits,
+        reused: false,
+    })
 }
 
 /// The code a dispatch stub sends the target state's threads to, and the

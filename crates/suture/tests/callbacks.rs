@@ -238,3 +238,35 @@ fn a_callback_that_never_returns_fails_the_enable_cleanly() {
     l.t.until("the others to run", |q| q.pairs > before.pairs);
     assert!(l.t.t.alive());
 }
+
+/// The pending tables mapped in the target (their address ranges).
+fn tables(pid: &str) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("suture-threads"))
+        .filter_map(|l| l.split_whitespace().next().map(String::from))
+        .collect()
+}
+
+#[test]
+fn a_finished_transitions_table_serves_the_next_and_survives_a_failed_enable() {
+    let mut l = start(&[]);
+    let pid = l.t.pid();
+    apply_through_reader(&mut l, "cb.o");
+    // Proved unused once the transition finished, and kept as the spare.
+    let spare = tables(&pid);
+    assert_eq!(spare.len(), 1, "{spare:?}");
+    // An enable that fails after taking it gives it back.
+    let err = fails(&["apply", &pid, &f("cbfail.o")]);
+    assert!(err.contains("pre-patch callback failed"), "{err}");
+    assert_eq!(tables(&pid), spare);
+    // The next transition uses it: no table is mapped for it.
+    ok(&["disable", &pid, "cb", "--no-wait"]);
+    assert_eq!(tables(&pid), spare);
+    l.t.t.ask("w");
+    status_until(&pid, "the disable to complete", no_transition);
+    assert_eq!(tables(&pid), spare);
+    apply_through_reader(&mut l, "cb.o");
+    assert_eq!(tables(&pid), spare);
+}
