@@ -536,7 +536,8 @@ impl Results {
                      if it is asleep: its pointer is in the record), once for its stack check, once more if \
                      it is running while the `int3`s are in place and the patch replaces several instructions of a \
                      function (to see that it is not between them), and one sleeping thread now and then is borrowed \
-                     for system calls (mapping the patch; once per process, installing the handler). The longest of \
+                     for system calls (one thread, once at the start of a command: its mappings and the check of the handler; \
+                     a finished transition's table is reused, not mapped again). The longest of \
                      those stops, as suture times it from the interrupt to the release, is {} µs here (\"suture: \
                      longest single-thread stop\"; the borrowed thread's are the long ones: each injected system call \
                      costs several ptrace round trips, and the first command's `membarrier` registration waits for \
@@ -545,7 +546,8 @@ impl Results {
                      the target for the 2 cores: the same-run baseline, with nothing happening, already has gaps of \
                      {} µs (`SUTURE_BENCH_DEBUG=1` lists every gap of 500 µs or more on the clock of suture's \
                      `SUTURE_DEBUG_HOLDS=1` lines). What would close the rest: fewer injected system calls per command \
-                     (one mapping for the image, its slots and its table), and less CPU time of suture's per thread. \
+                     (one mapping for the image and its slots; each mapping is four system calls, eight ptrace stops), \
+                     and less CPU time of suture's per thread. \
                      The stack check itself needs the stop: the kernel switches a task while it cannot run (under its \
                      runqueue lock), and from user space only a ptrace-stop keeps a thread from entering an old \
                      function between its check and its switch.\n",

@@ -26,9 +26,10 @@ use crate::Tid;
 /// normally takes microseconds.
 const PATIENCE: Duration = Duration::from_millis(20);
 
-/// Seizes under way: the thread being seized and when the seize began.
+/// Seizes under way: the process, the thread being seized, and when the
+/// seize began.
 struct Watch {
-    seizing: Mutex<Vec<(Tid, Instant)>>,
+    seizing: Mutex<Vec<(i32, Tid, Instant)>>,
     armed: Condvar,
 }
 
@@ -50,15 +51,17 @@ fn watch() -> &'static Watch {
     })
 }
 
-/// Runs `seize` (a `PTRACE_SEIZE` of `tid`) under the watchdog.
-pub(crate) fn seize_watched<T>(tid: Tid, seize: impl FnOnce() -> T) -> T {
+/// Runs `seize` (a `PTRACE_SEIZE` of `tid`, a thread of process `tgid`)
+/// under the watchdog. The process is given, not looked up: the thread may
+/// be one the exec already killed, gone from `/proc`.
+pub(crate) fn seize_watched<T>(tgid: i32, tid: Tid, seize: impl FnOnce() -> T) -> T {
     let w = watch();
     let began = Instant::now();
-    lock(&w.seizing).push((tid, began));
+    lock(&w.seizing).push((tgid, tid, began));
     w.armed.notify_one();
     let r = seize();
     let mut seizing = lock(&w.seizing);
-    if let Some(i) = seizing.iter().position(|&e| e == (tid, began)) {
+    if let Some(i) = seizing.iter().position(|&e| e == (tgid, tid, began)) {
         seizing.swap_remove(i);
     }
     r
@@ -74,7 +77,7 @@ fn watchdog() {
     let w = watch();
     let mut seizing = lock(&w.seizing);
     loop {
-        let oldest = seizing.iter().map(|&(_, t)| t).min();
+        let oldest = seizing.iter().map(|&(_, _, t)| t).min();
         match oldest {
             None => seizing = w.armed.wait(seizing).unwrap_or_else(|p| p.into_inner()),
             Some(t) if t.elapsed() < PATIENCE => {
@@ -86,14 +89,14 @@ fn watchdog() {
                     .0;
             }
             Some(_) => {
-                let stuck: Vec<Tid> = seizing
+                let stuck: Vec<(i32, Tid)> = seizing
                     .iter()
-                    .filter(|&&(_, t)| t.elapsed() >= PATIENCE)
-                    .map(|&(tid, _)| tid)
+                    .filter(|&&(_, _, t)| t.elapsed() >= PATIENCE)
+                    .map(|&(tgid, tid, _)| (tgid, tid))
                     .collect();
                 drop(seizing);
-                for tid in stuck {
-                    reap_exited_threads_of(tid);
+                for (tgid, tid) in stuck {
+                    reap_exited_threads(tgid, tid);
                 }
                 std::thread::sleep(PATIENCE);
                 seizing = lock(&w.seizing);
@@ -103,11 +106,9 @@ fn watchdog() {
 }
 
 /// Reaps the exited threads (other than the leader, which an exec handles
-/// itself) of the process `tid` belongs to that are our tracees.
-fn reap_exited_threads_of(tid: Tid) {
-    let Some(tgid) = crate::procfs::tgid_of(tid) else {
-        return;
-    };
+/// itself) of process `tgid` that are our tracees (`tid`: the thread whose
+/// seize waits).
+fn reap_exited_threads(tgid: i32, tid: Tid) {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{tgid}/task")) else {
         return;
     };

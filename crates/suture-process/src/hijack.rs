@@ -351,7 +351,8 @@ impl Process {
         let boost = crate::boost::Boost::new();
         let deadline = started + timeout;
         // TRACESYSGOOD: our system-call stops are told apart from signals.
-        if let Err(errno) = sys::seize_fresh(tid, sys::seize_tracesysgood) {
+        let tgid = self.pid();
+        if let Err(errno) = sys::seize_fresh(tid, |t| sys::seize_tracesysgood(tgid, t)) {
             return Err(self.seize_error(tid, errno));
         }
         if sys::interrupt(tid).is_err() {

@@ -101,7 +101,7 @@ impl Process {
                 if attached.contains_key(&tid) {
                     continue;
                 }
-                match sys::seize(tid, true) {
+                match sys::seize(self.pid(), tid, true) {
                     Ok(()) => {
                         attached.insert(tid, ThreadState::Running);
                         seized.push(tid);

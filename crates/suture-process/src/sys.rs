@@ -216,20 +216,21 @@ fn request(req: libc::c_uint, tid: Tid, data: usize) -> nix::Result<()> {
     Errno::result(r).map(drop)
 }
 
-pub(crate) fn seize(tid: Tid, trace_clone: bool) -> nix::Result<()> {
+/// Seizes `tid`, a thread of process `tgid` (as do the other `seize_*`).
+pub(crate) fn seize(tgid: i32, tid: Tid, trace_clone: bool) -> nix::Result<()> {
     let opts = if trace_clone {
         ptrace::Options::PTRACE_O_TRACECLONE
     } else {
         ptrace::Options::empty()
     };
-    seize_with(tid, opts)
+    seize_with(tgid, tid, opts)
 }
 
 /// Every `PTRACE_SEIZE` goes through here: under the exec watchdog
 /// ([`crate::exec_watch`]), and deliberately never with
 /// `PTRACE_O_EXITKILL`: if we die, the target lives on.
-fn seize_with(tid: Tid, opts: ptrace::Options) -> nix::Result<()> {
-    crate::exec_watch::seize_watched(tid, || ptrace::seize(pid(tid), opts))
+fn seize_with(tgid: i32, tid: Tid, opts: ptrace::Options) -> nix::Result<()> {
+    crate::exec_watch::seize_watched(tgid, tid, || ptrace::seize(pid(tid), opts))
 }
 
 /// Reaps `tid` if it is an exited tracee of ours; never consumes a stop
@@ -241,14 +242,15 @@ pub(crate) fn reap_if_exited(tid: Tid) -> bool {
 /// Seizes with `PTRACE_O_TRACESYSGOOD` only: system-call stops are then
 /// told apart from a real `SIGTRAP` ([`SYSCALL_STOP`]); threads the tracee
 /// creates stay untraced.
-pub(crate) fn seize_tracesysgood(tid: Tid) -> nix::Result<()> {
-    seize_with(tid, ptrace::Options::PTRACE_O_TRACESYSGOOD)
+pub(crate) fn seize_tracesysgood(tgid: i32, tid: Tid) -> nix::Result<()> {
+    seize_with(tgid, tid, ptrace::Options::PTRACE_O_TRACESYSGOOD)
 }
 
 /// Like [`seize_tracesysgood`], with `PTRACE_O_TRACECLONE`: threads the
 /// tracee creates are traced from birth.
-pub(crate) fn seize_tracesysgood_clone(tid: Tid) -> nix::Result<()> {
+pub(crate) fn seize_tracesysgood_clone(tgid: i32, tid: Tid) -> nix::Result<()> {
     seize_with(
+        tgid,
         tid,
         ptrace::Options::PTRACE_O_TRACESYSGOOD | ptrace::Options::PTRACE_O_TRACECLONE,
     )

@@ -762,7 +762,8 @@ impl<'p> Tracer<'p> {
         } else {
             sys::seize_tracesysgood
         };
-        if let Err(errno) = sys::seize_fresh(tid, seize) {
+        let tgid = self.process.pid();
+        if let Err(errno) = sys::seize_fresh(tid, |t| seize(tgid, t)) {
             if self.process.thread_stat(tid).is_none_or(|s| s.is_dead()) {
                 return Err(self.process.vanished(tid));
             }
