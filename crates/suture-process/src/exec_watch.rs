@@ -127,3 +127,86 @@ fn reap_exited_threads(tgid: i32, tid: Tid) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    /// Killed and reaped when dropped, also when the test fails.
+    struct Kill(Child);
+
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    const SRC: &str = r#"
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stdio.h>
+#include <unistd.h>
+static volatile long tid;
+static void *quitter(void *a) { char c; tid = gettid(); (void)a; read(0, &c, 1); return 0; }
+int main(void) {
+    pthread_t t;
+    pthread_create(&t, 0, quitter, 0);
+    while (!tid) usleep(1000);
+    printf("ready %ld\n", tid);
+    fflush(stdout);
+    for (;;) pause();
+}
+"#;
+
+    fn state(pid: i32, tid: i32) -> Option<char> {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+        s[s.rfind(')')? + 2..].chars().next()
+    }
+
+    fn until(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !f() {
+            assert!(Instant::now() < deadline, "waited too long for {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// An exited thread we trace stays a zombie until we reap it. The
+    /// watchdog reaps it knowing only its process: the thread whose seize
+    /// waits may be gone from `/proc` already (killed by the exec).
+    #[test]
+    fn our_exited_tracees_are_reaped_through_their_process() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("t.c"), SRC).unwrap();
+        let exe = dir.path().join("t");
+        let cc = Command::new("cc")
+            .args(["-O2", "-pthread", "-o"])
+            .arg(&exe)
+            .arg(dir.path().join("t.c"))
+            .status()
+            .unwrap();
+        assert!(cc.success());
+        let mut child = Kill(
+            Command::new(&exe)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let pid = child.0.id() as i32;
+        let mut line = String::new();
+        BufReader::new(child.0.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let tid: i32 = line.trim().strip_prefix("ready ").unwrap().parse().unwrap();
+        crate::sys::seize(pid, tid, false).unwrap();
+        child.0.stdin.take().unwrap().write_all(b"x").unwrap();
+        until("the traced thread to exit", || state(pid, tid) == Some('Z'));
+        // A thread id that names nothing, as a thread gone from /proc.
+        super::reap_exited_threads(pid, i32::MAX);
+        until("the zombie to be reaped", || state(pid, tid).is_none());
+    }
+}
