@@ -424,9 +424,19 @@ impl<'p> Tracer<'p> {
     }
 
     fn stop_timeout(&self, tid: Tid, timeout: Duration) -> Error {
+        // What the thread is doing says why (and, if it should have
+        // stopped, helps find out why it did not).
+        let doing = match self.process.thread_stat(tid).map(|s| s.state) {
+            Some('D') => "it is in uninterruptible sleep".to_string(),
+            Some('R') => "it is runnable, waiting for a core".to_string(),
+            Some('t') => "it is in a ptrace-stop".to_string(),
+            Some('T') => "it is stopped by a signal".to_string(),
+            Some(c) => format!("its state is {c}"),
+            None => "it is gone".to_string(),
+        };
         Error::Timeout {
             what: format!(
-                "stopping thread {tid} of process {}: it did not stop within {timeout:?} (uninterruptible sleep?); it stays traced and is resumed when it stops",
+                "stopping thread {tid} of process {}: it did not stop within {timeout:?} ({doing}); it stays traced and is resumed when it stops",
                 self.process.pid()
             ),
         }

@@ -645,6 +645,11 @@ fn a_thread_in_uninterruptible_sleep_times_out_and_is_detached_later() {
         .stop(t.vforker, Duration::from_millis(100))
         .unwrap_err();
     assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    // The error says what the thread is doing.
+    assert!(
+        err.to_string().contains("in uninterruptible sleep"),
+        "{err}"
+    );
     assert_eq!(tracer.traced(), [t.vforker]);
     let err = tracer.detach(t.vforker).unwrap_err();
     assert!(matches!(err, Error::Timeout { .. }), "{err}");
