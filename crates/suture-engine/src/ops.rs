@@ -514,8 +514,8 @@ pub fn apply(pid: i32, path: &Path) -> Result<ApplyReport, Error> {
     if result.is_err() {
         // Put the target back as it was: nothing of ours is referenced yet.
         s.rec.arenas.truncate(arenas_before);
-        if undo.spare_table.is_some() {
-            s.rec.spare_table = undo.spare_table.take();
+        if let Some(t) = undo.spare_table.take() {
+            s.rec.spare_table = Some(t);
         }
         // The record of the patch may have been stored just before a write
         // that then failed (and was undone): store the old one again.
