@@ -33,8 +33,10 @@ const GC_ATTEMPTS: u32 = 8;
 
 /// Test-only: `SUTURE_TEST_PAUSE=POINT:PATH` makes the operation stop at
 /// POINT, create `PATH.reached` and wait (at most a minute) for `PATH.go`,
-/// so tests can act on the target at an exact step (e.g. kill it).
-fn test_pause(point: &str) {
+/// so tests can act on the target at an exact step (e.g. kill it). Points:
+/// `loaded` (the patch image is written), `int3s` (a transition start's
+/// `int3`s are in place, before the record that describes it is stored).
+pub(crate) fn test_pause(point: &str) {
     let Ok(v) = std::env::var("SUTURE_TEST_PAUSE") else {
         return;
     };
@@ -491,6 +493,26 @@ pub fn check(pid: i32, path: &Path) -> Result<CheckReport, Error> {
     })
 }
 
+/// Stores `loaded` (the record as this command found it) with the handler
+/// of live writes that [`crate::live::Readiness::complete`] just mapped or
+/// registered, unless the stored record knew it already: from here on a
+/// suture killed after placing `int3`s leaves a record that names the
+/// handler and its undo log, so the next command can finish or withdraw
+/// them ([`crate::live::repair`]). Nothing else of this command's changes
+/// is stored yet.
+fn store_new_trap(s: &Session, loaded: &Record) -> Result<(), Error> {
+    let key = |r: &Record| r.trap.as_ref().map(|t| (t.region.clone(), t.barrier));
+    if key(&s.rec) == key(loaded) {
+        return Ok(());
+    }
+    let Some(base) = s.store else {
+        return Ok(());
+    };
+    let mut r = loaded.clone();
+    r.trap = s.rec.trap.clone();
+    store::write(&s.proc, base, &r)
+}
+
 /// Memory mapped during an apply, released again if the apply fails.
 #[derive(Default)]
 struct Undo {
@@ -543,6 +565,7 @@ fn apply_prepared(
     path: &str,
     undo: &mut Undo,
 ) -> Result<ApplyReport, Error> {
+    let loaded = s.rec.clone();
     let Prepared {
         layout,
         desc,
@@ -647,6 +670,7 @@ fn apply_prepared(
     };
     // Ready for live writes while the thread is borrowed anyway.
     let live = readiness.complete(&s.proc, &mut s.rec, Some(&mut h))?;
+    store_new_trap(s, &loaded)?;
     // The borrowed thread goes back to its work before the image is linked
     // and written (from outside, through /proc/PID/mem).
     h.release()?;
@@ -1316,7 +1340,9 @@ pub(crate) fn finish(s: &mut Session, forced: bool) -> Result<Option<Finished>, 
     let mut sites = s.rec.sites.clone();
     let writes = site_writes(&s.proc, &mut sites, &before, &after)?;
     let mut orphans: Vec<(i32, u64)> = Vec::new();
+    let loaded = s.rec.clone();
     let live = crate::live::prepare(&s.proc, &mut s.rec)?;
+    store_new_trap(s, &loaded)?;
     let live_done = match live.filter(|_| crate::live::suits(&writes)) {
         Some(l) if crate::live::set_table(&s.proc, &l, &writes)? => {
             orphans = finish_live(&s.proc, &t, &mirror, forced, &writes)?;
@@ -1522,6 +1548,7 @@ fn disable_inner(pid: i32, name: &str) -> Result<DisableReport, Error> {
     let (table, pending, started, live): (_, Box<dyn Fn(u64) -> bool>, _, _) = match kind {
         DisableKind::Started => {
             let readiness = crate::live::readiness(&s.proc, &s.rec)?;
+            let loaded = s.rec.clone();
             let mut h = s.proc.hijack(HIJACK_TIMEOUT)?;
             let t = transition::new_table(&mut h, &mut s.rec, threads.len());
             let live = match t {
@@ -1529,6 +1556,7 @@ fn disable_inner(pid: i32, name: &str) -> Result<DisableReport, Error> {
                 Err(_) => Ok(None),
             };
             h.release()?;
+            store_new_trap(&s, &loaded)?;
             let t = t?;
             reused_table = t.reused;
             ((t.region, t.bits), Box::new(|_| true), now(), live?)

@@ -600,6 +600,7 @@ impl LiveBegin<'_> {
         let tabled = tabled.into_inner();
         proc.write_mem(self.region.addr, &tabled.mirror.bytes())?;
         crate::live::place_int3(proc, self.jumps)?;
+        crate::ops::test_pause("int3s");
         let checked = crate::live::sync().and_then(|()| {
             crate::live::check_torn(proc, self.jumps, &mut |tr, tid, regs| {
                 self.move_out(proc, tr, tid, regs)

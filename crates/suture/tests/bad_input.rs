@@ -396,3 +396,51 @@ fn require_signed_accepts_only_patches_signed_with_a_known_key() {
     assert!(st["patches"].as_array().unwrap().is_empty());
     assert!(t.alive());
 }
+
+#[test]
+fn int3s_left_by_a_suture_killed_at_its_first_live_write_are_withdrawn() {
+    // A fresh process: before this fix the stored record did not yet know
+    // the handler mapped for live writes, so nothing could withdraw them.
+    let mut t = Target::standard("target");
+    let a = t.addr("compute_static");
+    let before = read_mem(t.pid, a, 8);
+    let dir = tempfile::tempdir().unwrap();
+    let flag = dir.path().join("pause");
+    let mut child = Command::new(SUTURE)
+        .args(["apply", &t.pid.to_string(), &f("static.o")])
+        .env("SUTURE_TEST_PAUSE", format!("int3s:{}", flag.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let reached = flag.with_extension("reached");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !reached.exists() {
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("suture never reached its int3s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(
+        read_mem(t.pid, a, 1),
+        [0xCC],
+        "the entry's int3 is in place"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The target runs on through the handler meanwhile.
+    let unchanged = |t: &mut Target| {
+        let r = t.fresh_results();
+        assert!(r.iter().all(|x| (x.1, x.2, x.3) == (2, 101, 1001)), "{r:?}");
+    };
+    unchanged(&mut t);
+    // The next command finds the int3s and withdraws them (before this
+    // fix it could not: the apply then refused the int3 in the entry).
+    let pid = t.pid.to_string();
+    ok(&["apply", &pid, &f("static.o")]);
+    ok(&["disable", &pid, "static"]);
+    assert_eq!(read_mem(t.pid, a, 8), before);
+    unchanged(&mut t);
+    assert!(t.alive());
+}

@@ -398,6 +398,19 @@ fn disable_everything(t: &mut Consist) -> Result<(), String> {
         finish_transition(t, "the interruption")?;
     }
     let st = json(&["status", &pid, "--json"]);
+    if patch_names(&st).is_empty() {
+        // Killed during the first live write, before any patch was
+        // recorded: the next command that opens the record finishes or
+        // withdraws its `int3`s (`live::repair`); with no patch to disable,
+        // `check` is that command here (it changes nothing else).
+        let out = cmd(&["check", &pid, &f("ab.o")])?;
+        if !out.status.success() {
+            return Err(format!(
+                "check after the interruption failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    }
     for name in patch_names(&st).iter().rev() {
         let out = cmd(&["disable", &pid, name, "--no-wait"])?;
         if !out.status.success() {
