@@ -191,11 +191,22 @@ fn target_that_exits_is_reported() {
 /// Runs `suture apply` paused after the patch is loaded, does `between`,
 /// lets it continue, and returns its output.
 fn apply_paused(t: &Target, between: impl FnOnce()) -> std::process::Output {
+    apply_paused_at(t, "loaded", |_| between())
+}
+
+/// Runs `suture apply` paused at `point` (`SUTURE_TEST_PAUSE`), does
+/// `between` (given the command, e.g. to kill it), lets it continue, and
+/// returns its output.
+fn apply_paused_at(
+    t: &Target,
+    point: &str,
+    between: impl FnOnce(&mut std::process::Child),
+) -> std::process::Output {
     let dir = tempfile::tempdir().unwrap();
     let flag = dir.path().join("pause");
-    let child = Command::new(SUTURE)
+    let mut child = Command::new(SUTURE)
         .args(["apply", &t.pid.to_string(), &f("static.o")])
-        .env("SUTURE_TEST_PAUSE", format!("loaded:{}", flag.display()))
+        .env("SUTURE_TEST_PAUSE", format!("{point}:{}", flag.display()))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -203,13 +214,13 @@ fn apply_paused(t: &Target, between: impl FnOnce()) -> std::process::Output {
     let reached = flag.with_extension("reached");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while !reached.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "suture never reached the pause"
-        );
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("suture never reached the pause at {point}");
+        }
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    between();
+    between(&mut child);
     std::fs::write(flag.with_extension("go"), "").unwrap();
     child.wait_with_output().unwrap()
 }
@@ -404,31 +415,14 @@ fn int3s_left_by_a_suture_killed_at_its_first_live_write_are_withdrawn() {
     let mut t = Target::standard("target");
     let a = t.addr("compute_static");
     let before = read_mem(t.pid, a, 8);
-    let dir = tempfile::tempdir().unwrap();
-    let flag = dir.path().join("pause");
-    let mut child = Command::new(SUTURE)
-        .args(["apply", &t.pid.to_string(), &f("static.o")])
-        .env("SUTURE_TEST_PAUSE", format!("int3s:{}", flag.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let reached = flag.with_extension("reached");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !reached.exists() {
-        if std::time::Instant::now() >= deadline {
-            let _ = child.kill();
-            panic!("suture never reached its int3s");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    assert_eq!(
-        read_mem(t.pid, a, 1),
-        [0xCC],
-        "the entry's int3 is in place"
-    );
-    child.kill().unwrap();
-    child.wait().unwrap();
+    apply_paused_at(&t, "int3s", |child| {
+        assert_eq!(
+            read_mem(t.pid, a, 1),
+            [0xCC],
+            "the entry's int3 is in place"
+        );
+        child.kill().unwrap();
+    });
     // The target runs on through the handler meanwhile.
     let unchanged = |t: &mut Target| {
         let r = t.fresh_results();
