@@ -11,9 +11,11 @@
 //! The way out: while a seize has been waiting longer than [`PATIENCE`], a
 //! watchdog thread reaps the target's exited threads that are our tracees.
 //! `wait` works across the threads of a thread group, so the watchdog can
-//! reap what another thread of ours traces. It asks only for exits
-//! (`WEXITED`), so it never consumes a stop report; the tracer later finds
-//! the thread gone (`ECHILD`), which it already reads as "gone". The
+//! reap what another thread of ours traces. It collects only exits: a
+//! tracee's ptrace-stop is reported even to a wait for exits alone, so each
+//! report is looked at first (`WNOWAIT`, see `sys::reap_if_exited`), and a
+//! stop is left to the tracer thread. The tracer later finds the reaped
+//! thread gone (`ECHILD`), which it already reads as "gone". The
 //! exec then completes, releases the mutex, and the seize returns (usually
 //! `ESRCH`: the thread died in the exec).
 
@@ -144,6 +146,15 @@ mod tests {
         }
     }
 
+    /// Detaches a stopped tracee when dropped, also when the test fails.
+    struct Release(i32);
+
+    impl Drop for Release {
+        fn drop(&mut self) {
+            crate::sys::detach(self.0, 0).expect("the tracee is in a ptrace-stop");
+        }
+    }
+
     const SRC: &str = r#"
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -174,11 +185,35 @@ int main(void) {
         }
     }
 
-    /// An exited thread we trace stays a zombie until we reap it. The
-    /// watchdog reaps it knowing only its process: the thread whose seize
-    /// waits may be gone from `/proc` already (killed by the exec).
+    /// The reaper collects exits only: a tracee in a ptrace-stop that the
+    /// tracer has not collected yet keeps its report (the kernel offers it
+    /// to a wait for exits too; taking it left a thread stopped for good).
     #[test]
-    fn our_exited_tracees_are_reaped_through_their_process() {
+    fn the_reaper_leaves_a_stop_report_to_the_tracer() {
+        let (mut child, pid, tid) = start();
+        crate::sys::block_sigchld();
+        crate::sys::seize(pid, tid, false).unwrap();
+        // Dropped before `child`: a tracee left stopped would keep the
+        // child from being reaped after a failure.
+        let _release = Release(tid);
+        crate::sys::interrupt(tid).unwrap();
+        until("the traced thread to stop", || state(pid, tid) == Some('t'));
+        super::reap_exited_threads(pid, i32::MAX);
+        assert_eq!(
+            crate::sys::wait_nohang(tid),
+            Some(crate::sys::Report::Interrupt),
+            "the stop report must still be there for the tracer"
+        );
+        drop(_release);
+        child.0.stdin.take().unwrap().write_all(b"x").unwrap();
+        until("the released thread to run and exit", || {
+            state(pid, tid).is_none()
+        });
+    }
+
+    /// The test program, started: its pid and the id of its thread that
+    /// exits once it reads a byte on stdin.
+    fn start() -> (Kill, i32, i32) {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("t.c"), SRC).unwrap();
         let exe = dir.path().join("t");
@@ -202,6 +237,15 @@ int main(void) {
             .read_line(&mut line)
             .unwrap();
         let tid: i32 = line.trim().strip_prefix("ready ").unwrap().parse().unwrap();
+        (child, pid, tid)
+    }
+
+    /// An exited thread we trace stays a zombie until we reap it. The
+    /// watchdog reaps it knowing only its process: the thread whose seize
+    /// waits may be gone from `/proc` already (killed by the exec).
+    #[test]
+    fn our_exited_tracees_are_reaped_through_their_process() {
+        let (mut child, pid, tid) = start();
         crate::sys::seize(pid, tid, false).unwrap();
         child.0.stdin.take().unwrap().write_all(b"x").unwrap();
         until("the traced thread to exit", || state(pid, tid) == Some('Z'));

@@ -82,12 +82,7 @@ pub(crate) fn any_report() -> bool {
 
 /// One `waitid(idtype, id, WNOHANG | flags)`: whether it found a report.
 fn waitid_nohang(idtype: libc::idtype_t, id: libc::id_t, flags: libc::c_int) -> bool {
-    // SAFETY: waitid writes only into the siginfo we pass.
-    unsafe {
-        let mut info: libc::siginfo_t = std::mem::zeroed();
-        let r = libc::waitid(idtype, id, &mut info, libc::WNOHANG | flags);
-        r == 0 && info.si_pid() != 0
-    }
+    waitid_info(idtype, id, flags).is_some()
 }
 
 /// One non-blocking `waitpid(tid, __WALL | WNOHANG)`. `None`: nothing to report yet.
@@ -167,8 +162,11 @@ thread_local! {
 }
 
 /// Blocks `SIGCHLD` in the calling thread (once), so that it stays pending
-/// for [`wait_sigchld`] instead of being discarded.
-pub(crate) fn block_sigchld() {
+/// for [`wait_sigchld`] instead of being discarded. Every other thread of
+/// suture should call it too: a thread that does not block it may take
+/// (and discard) the `SIGCHLD` of a tracee's stop that a tracer thread
+/// waits for, which then notices the stop only at its next poll.
+pub fn block_sigchld() {
     SIGCHLD_BLOCKED.with(|b| {
         if !b.get() {
             let set = sigchld_set();
@@ -234,9 +232,41 @@ fn seize_with(tgid: i32, tid: Tid, opts: ptrace::Options) -> nix::Result<()> {
 }
 
 /// Reaps `tid` if it is an exited tracee of ours; never consumes a stop
-/// report (`WEXITED` only). Whether it was reaped.
+/// report. Whether it was reaped.
+///
+/// `WEXITED` alone is not enough: the kernel reports a tracee's
+/// ptrace-stop to its tracer whatever the options ("traditionally we see
+/// ptrace'd stopped tasks regardless of options", `kernel/exit.c`), as
+/// `CLD_TRAPPED`, and a consuming wait clears it. A stop taken that way is
+/// lost to the tracer thread, whose tracee then sits in its ptrace-stop for
+/// good. So the report is first looked at (`WNOWAIT`) and collected only if
+/// it is an exit (a zombie reports nothing else afterwards).
 pub(crate) fn reap_if_exited(tid: Tid) -> bool {
-    waitid_nohang(libc::P_PID, tid as libc::id_t, libc::WEXITED | libc::__WALL)
+    let flags = libc::WEXITED | libc::__WALL;
+    let exited = |info: &libc::siginfo_t| {
+        matches!(
+            info.si_code,
+            libc::CLD_EXITED | libc::CLD_KILLED | libc::CLD_DUMPED
+        )
+    };
+    match waitid_info(libc::P_PID, tid as libc::id_t, flags | libc::WNOWAIT) {
+        Some(info) if exited(&info) => waitid_info(libc::P_PID, tid as libc::id_t, flags).is_some(),
+        _ => false,
+    }
+}
+
+/// One `waitid(idtype, id, WNOHANG | flags)`: the report, if it found one.
+fn waitid_info(
+    idtype: libc::idtype_t,
+    id: libc::id_t,
+    flags: libc::c_int,
+) -> Option<libc::siginfo_t> {
+    // SAFETY: waitid writes only into the siginfo we pass.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        let r = libc::waitid(idtype, id, &mut info, libc::WNOHANG | flags);
+        (r == 0 && info.si_pid() != 0).then_some(info)
+    }
 }
 
 /// Seizes with `PTRACE_O_TRACESYSGOOD` only: system-call stops are then
