@@ -36,7 +36,7 @@ pub use report::{
 };
 pub use suture_elf::PATCH_CFLAGS;
 /// The priority suture runs at while target threads wait for it.
-pub use suture_process::set_hold_priority;
+pub use suture_process::{block_sigchld, keep_hold_priority, set_hold_priority};
 
 /// Why an operation failed. Each message is one sentence a person can act on.
 #[derive(Debug, thiserror::Error)]

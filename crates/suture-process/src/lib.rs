@@ -39,7 +39,7 @@ mod stop;
 mod sys;
 mod tracer;
 
-pub use boost::set_hold_priority;
+pub use boost::{keep_hold_priority, set_hold_priority};
 pub use gap::{
     find_gap_near, HEAP_RESERVE, MMAP_MIN_ADDR, PAGE_SIZE, REL32_MARGIN, REL32_REACH, STACK_GUARD,
     USER_SPACE_END,
@@ -48,6 +48,7 @@ pub use hijack::{Hijack, DEFAULT_SYSCALL_TIMEOUT};
 pub use hold::{add_hold_stats, debug_log, take_hold_stats, HoldStats};
 pub use nix::errno::Errno;
 pub use stop::StoppedProcess;
+pub use sys::block_sigchld;
 pub use tracer::{Resume, TraceEvent, Tracer};
 
 /// A thread asleep in the kernel, seen from `/proc` ([`Process::asleep`]).

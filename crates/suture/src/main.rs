@@ -249,20 +249,26 @@ fn signed(patch: &std::path::Path, require: bool) -> Result<()> {
 /// a service that is serving, unless the target alone keeps every CPU busy
 /// (suture would then get a sliver of CPU time): then, and for the
 /// transition worker (it only ever works for threads that wait for it, and
-/// how fast it wakes up is part of their pause), all the time. Best effort:
-/// without the right to raise it, suture runs as it was started.
+/// how fast it wakes up is part of their pause), all the time. Whether the
+/// target keeps the CPUs busy takes about 60 ms of samples, taken on a
+/// thread of its own while the command works. Best effort: without the
+/// right to raise it, suture runs as it was started.
 fn raise_priority(pid: i32, worker: bool) {
     let nice = std::env::var("SUTURE_NICE")
         .ok()
         .and_then(|v| v.parse::<i32>().ok())
         .unwrap_or(-20);
-    if worker || suture_engine::target_saturates_cpus(pid) {
-        // SAFETY: setpriority on our own (single-threaded) process; no
-        // memory is involved.
-        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
-    } else {
-        suture_engine::set_hold_priority(nice);
+    suture_engine::set_hold_priority(nice);
+    if worker {
+        suture_engine::keep_hold_priority();
+        return;
     }
+    std::thread::spawn(move || {
+        suture_engine::block_sigchld();
+        if suture_engine::target_saturates_cpus(pid) {
+            suture_engine::keep_hold_priority();
+        }
+    });
 }
 
 fn main() -> ExitCode {
