@@ -38,7 +38,7 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Options {
-            rounds: 3,
+            rounds: 7,
             rate: 1000,
             clients: 4,
             window: Duration::from_secs(3),
@@ -205,6 +205,9 @@ pub struct Round {
     pub apply_ms: f64,
     pub disable_ms: f64,
     pub restart_ms: f64,
+    /// CPU time of the `apply` and `disable` commands themselves.
+    pub apply_cpu_ms: f64,
+    pub disable_cpu_ms: f64,
 }
 
 fn free_port() -> Result<u16> {
@@ -255,12 +258,14 @@ fn run_in(o: &Options, dir: &Path) -> Result<()> {
         // Live patch and disable, then as long again as the baseline if
         // they were quicker (the window is never shorter than it).
         let p0 = load.now();
-        let t = Instant::now();
+        let (t, cpu) = (Instant::now(), util::children_cpu_ms());
         let applied = su.cmd(&["apply", &ps, &fix.to_string_lossy(), "--timeout", "30"]);
         let apply_ms = t.elapsed().as_secs_f64() * 1000.0;
-        let t = Instant::now();
+        let apply_cpu_ms = util::children_cpu_ms() - cpu;
+        let (t, cpu) = (Instant::now(), util::children_cpu_ms());
         let disabled = su.cmd(&["disable", &ps, "fix-negative-quantity", "--timeout", "30"]);
         let disable_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let disable_cpu_ms = util::children_cpu_ms() - cpu;
         let spent = load.now() - p0;
         if spent < o.window {
             std::thread::sleep(o.window - spent);
@@ -307,6 +312,8 @@ fn run_in(o: &Options, dir: &Path) -> Result<()> {
             apply_ms,
             disable_ms,
             restart_ms,
+            apply_cpu_ms,
+            disable_cpu_ms,
         };
         eprintln!(
             "service round {}/{}: p99.9 baseline {:.0} us, live patch {:.0} us, restart {:.0} us; failed {} / {} / {}",
@@ -363,6 +370,7 @@ impl Results {
             "rounds": self.rounds.iter().map(|r| json!({
                 "baseline": wjson(&r.baseline), "live_patch": wjson(&r.patch), "restart": wjson(&r.restart),
                 "apply_ms": r.apply_ms, "disable_ms": r.disable_ms, "restart_ms": r.restart_ms,
+                "apply_cpu_ms": r.apply_cpu_ms, "disable_cpu_ms": r.disable_cpu_ms,
             })).collect::<Vec<_>>(),
             "p999_ratio_live_patch_to_baseline": self.med(|r| r.patch.p999_us / r.baseline.p999_us).0,
         })
@@ -409,9 +417,11 @@ impl Results {
         let (am, _, _) = self.med(|r| r.apply_ms);
         let (dm, _, _) = self.med(|r| r.disable_ms);
         let (rm, _, _) = self.med(|r| r.restart_ms);
+        let (ac, _, _) = self.med(|r| r.apply_cpu_ms);
+        let (dc, _, _) = self.med(|r| r.disable_cpu_ms);
         let _ = writeln!(
             m,
-            "\n`suture apply` took {am:.0} ms and `suture disable` {dm:.0} ms (median); the restart (kill, start, first line of the new process) {rm:.0} ms.\n"
+            "\n`suture apply` took {am:.0} ms and `suture disable` {dm:.0} ms (median), of which {ac:.0} ms and {dc:.0} ms of CPU time (user and system, the command's own); the restart (kill, start, first line of the new process) {rm:.0} ms.\n"
         );
         let ratio = self.med(|r| r.patch.p999_us / r.baseline.p999_us);
         let _ = writeln!(m, "### Targets\n\n| target | figure | met |\n|---|---|---|");
@@ -427,8 +437,10 @@ impl Results {
         if ratio.0 > TARGET_P999_RATIO {
             let _ = writeln!(
                 m,
-                "Why it is missed, and what would close it: at {} requests/s a window holds a few thousand requests, so p99.9 is about its third slowest, and three requests delayed by a millisecond are enough. No worker thread is ever stopped with the others (live writes), but each is stopped on its own a few times per command (to enter the pending table, unless it sleeps and an earlier command read its pointer; for its stack check; at the completion), 50 to 200 µs each plus its wait to be scheduled again on 2 cores shared with the load generator; and the slowest requests (`SUTURE_BENCH_DEBUG=1` lists them, on the clock of suture's `SUTURE_DEBUG_HOLDS=1` lines) also fall where suture holds no thread at all: suture's own CPU time (about 0.2 s per command) competes with the service for the 2 cores. A sleeping worker is not stopped to enter the pending table at a later command's start (its pointer is in the record), a command borrows one thread once (its mappings and the handler check together), and a finished transition's table is reused. Closing the rest: less CPU time per command, and fewer injected system calls (the stack check itself needs its stop: only a ptrace-stop keeps a thread from entering an old function between its check and its switch).\n",
-                self.rate
+                "Why it is missed, and what would close it: at {} requests/s a window holds a few thousand requests, so p99.9 is about its third slowest, and three requests delayed by a millisecond are enough. No worker thread is ever stopped with the others (live writes), but each is stopped on its own a few times per command (to enter the pending table, unless it sleeps and an earlier command read its pointer; for its stack check; at the completion), 50 to 200 µs each plus its wait to be scheduled again on 2 cores shared with the load generator; and the slowest requests (`SUTURE_BENCH_DEBUG=1` lists them, on the clock of suture's `SUTURE_DEBUG_HOLDS=1` lines) also fall where suture holds no thread at all: suture's own CPU time ({:.0} ms for `apply`, {:.0} ms for `disable`, above) competes with the service for the 2 cores. A sleeping worker is not stopped to enter the pending table at a later command's start (its pointer is in the record), a command borrows one thread once (its mappings and the handler check together), and a finished transition's table is reused. Closing the rest: less CPU time per command, and fewer injected system calls (the stack check itself needs its stop: only a ptrace-stop keeps a thread from entering an old function between its check and its switch).\n",
+                self.rate,
+                ac,
+                dc
             );
         }
         m

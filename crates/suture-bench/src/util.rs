@@ -74,7 +74,19 @@ pub fn own_session(cmd: &mut Command) -> &mut Command {
     }
 }
 
-/// Runs a command, returns stdout; fails with its stderr.
+/// CPU time (user and system) of the children this process has waited
+/// for, in ms: the difference around a command is that command's own.
+pub fn children_cpu_ms() -> f64 {
+    // SAFETY: getrusage writes only the rusage we pass.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru);
+        ru
+    };
+    let ms = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
+    ms(ru.ru_utime) + ms(ru.ru_stime)
+}
+
 /// `CLOCK_MONOTONIC` in ms (the clock of suture's debug lines).
 pub fn monotonic_ms() -> f64 {
     let mut ts = libc::timespec {
@@ -86,6 +98,7 @@ pub fn monotonic_ms() -> f64 {
     ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 / 1e6
 }
 
+/// Runs a command, returns stdout; fails with its stderr.
 pub fn run(cmd: &mut Command) -> Result<String> {
     let out = cmd
         .stdin(Stdio::null())

@@ -329,16 +329,6 @@ impl Process {
         procfs::list_tasks(&proc_path(self.pid, "task"))
     }
 
-    /// How many of its threads are running or ready to run right now
-    /// (state `R`).
-    pub fn runnable_threads(&self) -> usize {
-        self.threads_raw()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|&t| self.thread_stat(t).is_some_and(|s| s.state == 'R'))
-            .count()
-    }
-
     /// The CPU time the whole process has used (user and system), in
     /// clock ticks (`sysconf(_SC_CLK_TCK)` per second).
     pub fn cpu_ticks(&self) -> Option<u64> {

@@ -246,12 +246,12 @@ fn signed(patch: &std::path::Path, require: bool) -> Result<()> {
 /// by default, `SUTURE_NICE` to choose) while they hold target threads
 /// stopped: every thread held waits for suture. The rest of the work runs
 /// at the priority suture was started with, so it never takes CPU time from
-/// a service that is serving, unless the target alone keeps every CPU busy
+/// a service that is serving, unless the CPUs are kept busy
 /// (suture would then get a sliver of CPU time): then, and for the
 /// transition worker (it only ever works for threads that wait for it, and
 /// how fast it wakes up is part of their pause), all the time. Whether the
-/// target keeps the CPUs busy takes about 60 ms of samples, taken on a
-/// thread of its own while the command works. Best effort: without the
+/// CPUs are kept busy takes about 60 ms of samples, taken on a thread of
+/// its own while the command works. Best effort: without the
 /// right to raise it, suture runs as it was started.
 fn raise_priority(pid: i32, worker: bool) {
     let nice = std::env::var("SUTURE_NICE")
