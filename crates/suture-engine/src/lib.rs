@@ -30,7 +30,7 @@ pub mod worker;
 pub mod write;
 
 pub use ops::{apply, check, disable, force, list, status, wait, worker_ready, WaitEnd};
-pub use priority::target_saturates_cpus;
+pub use priority::cpus_kept_busy;
 pub use report::{
     ApplyReport, CheckReport, DisableReport, ForceReport, ProcessEntry, StatusReport,
 };

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 /// run briefly leave a thread of ordinary priority waiting behind them
 /// all). The look costs a few reads of `/proc`, whatever the number of
 /// threads: it runs alongside a command's work.
-pub fn target_saturates_cpus(pid: i32) -> bool {
+pub fn cpus_kept_busy(pid: i32) -> bool {
     const SAMPLES: usize = 8;
     let Ok(p) = suture_process::Process::open(pid) else {
         return false;

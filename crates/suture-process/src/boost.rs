@@ -9,8 +9,8 @@
 //! this on; each hold takes a [`Boost`] guard, and the priority drops back
 //! when the last guard of the thread is dropped. [`keep_hold_priority`]
 //! keeps that priority outside holds too, for every thread of suture, from
-//! any moment on (a command learns only while it already works that the target
-//! keeps the CPUs busy on its own).
+//! any moment on (a command learns only while it already works that the
+//! CPUs are kept busy).
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicI32, Ordering};

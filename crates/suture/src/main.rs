@@ -265,7 +265,7 @@ fn raise_priority(pid: i32, worker: bool) {
     }
     std::thread::spawn(move || {
         suture_engine::block_sigchld();
-        if suture_engine::target_saturates_cpus(pid) {
+        if suture_engine::cpus_kept_busy(pid) {
             suture_engine::keep_hold_priority();
         }
     });
