@@ -183,19 +183,26 @@ pub struct Round {
     /// What `suture apply` and `disable` themselves report (`held` in
     /// their JSON), the larger of the two: the longest time every thread
     /// was stopped at once, the longest any thread waited in a
-    /// whole-process stop, and the longest single-thread stop (µs).
+    /// whole-process stop, the longest stop of a thread to look at it, and
+    /// the longest stop of the thread borrowed for system calls (µs).
     pub held_all_us: f64,
     pub held_whole_us: f64,
-    pub held_thread_us: f64,
+    pub held_check_us: f64,
+    pub held_borrow_us: f64,
 }
 
 /// The `held` figures of a command's JSON report: (all at once, whole-stop
-/// wait, single thread), µs.
-fn held(json_out: &str) -> (f64, f64, f64) {
+/// wait, a thread looked at, the borrowed thread), µs.
+fn held(json_out: &str) -> (f64, f64, f64, f64) {
     let v: Value = serde_json::from_str(json_out).unwrap_or(Value::Null);
     let h = &v["held"];
     let f = |k: &str| h[k].as_f64().unwrap_or(f64::NAN);
-    (f("whole_all_us"), f("whole_held_us"), f("thread_held_us"))
+    (
+        f("whole_all_us"),
+        f("whole_held_us"),
+        f("check_held_us"),
+        f("borrow_held_us"),
+    )
 }
 
 /// results[mode][n] = rounds
@@ -308,7 +315,8 @@ fn run_in(o: &Options, dir: &Path) -> Result<()> {
                     window_ms: ms(win),
                     held_all_us: ha.0.max(hd.0),
                     held_whole_us: ha.1.max(hd.1),
-                    held_thread_us: ha.2.max(hd.2),
+                    held_check_us: ha.2.max(hd.2),
+                    held_borrow_us: ha.3.max(hd.3),
                 });
             }
             let _ = t.finish();
@@ -363,7 +371,7 @@ impl Results {
                         "rounds": rs.iter().map(|r| json!({
                             "patching": wjson(&r.patch), "baseline": wjson(&r.base),
                             "apply_ms": r.apply_ms, "disable_ms": r.disable_ms, "window_ms": r.window_ms,
-                            "suture_held_all_us": r.held_all_us, "suture_held_whole_us": r.held_whole_us, "suture_held_thread_us": r.held_thread_us })).collect::<Vec<_>>(),
+                            "suture_held_all_us": r.held_all_us, "suture_held_whole_us": r.held_whole_us, "suture_held_check_us": r.held_check_us, "suture_held_borrow_us": r.held_borrow_us })).collect::<Vec<_>>(),
                         "median_over_rounds": {
                             "patching_max_gap_us": over(rs, |r| r.patch.max_us).0,
                             "baseline_max_gap_us": over(rs, |r| r.base.max_us).0,
@@ -377,7 +385,8 @@ impl Results {
                             "disable_ms": over(rs, |r| r.disable_ms).0,
                             "suture_held_all_us": over(rs, |r| r.held_all_us).0,
                             "suture_held_whole_us": over(rs, |r| r.held_whole_us).0,
-                            "suture_held_thread_us": over(rs, |r| r.held_thread_us).0,
+                            "suture_held_check_us": over(rs, |r| r.held_check_us).0,
+                            "suture_held_borrow_us": over(rs, |r| r.held_borrow_us).0,
                         }
                     }),
                 );
@@ -475,8 +484,8 @@ impl Results {
                 "### {} mode\n\nµs, median over rounds (min..max of the rounds). \"thread max\": each thread's largest gap; max / median / p99 over the threads.\n",
                 mode
             );
-            let _ = writeln!(m, "| threads | baseline: max gap | patching: max gap | baseline: median / p99 thread max | patching: median / p99 thread max | all threads in a gap at once: baseline | patching | suture: all stopped at once | suture: longest wait in a whole stop | suture: longest single-thread stop | apply ms | disable ms |");
-            let _ = writeln!(m, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+            let _ = writeln!(m, "| threads | baseline: max gap | patching: max gap | baseline: median / p99 thread max | patching: median / p99 thread max | all threads in a gap at once: baseline | patching | suture: all stopped at once | suture: longest wait in a whole stop | suture: longest stop to look at a thread | suture: longest stop of the borrowed thread | apply ms | disable ms |");
+            let _ = writeln!(m, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
             for (ni, n) in self.threads.iter().enumerate() {
                 let rs = &self.res[mi][ni];
                 let tr = if rs.iter().any(|r| r.patch.truncated || r.base.truncated) {
@@ -486,7 +495,7 @@ impl Results {
                 };
                 let _ = writeln!(
                     m,
-                    "| {n} | {} | {} | {:.0} / {:.0} | {:.0} / {:.0} | {} | {}{tr} | {} | {} | {} | {:.1} | {:.1} |",
+                    "| {n} | {} | {} | {:.0} / {:.0} | {:.0} / {:.0} | {} | {}{tr} | {} | {} | {} | {} | {:.1} | {:.1} |",
                     fmt3(over(rs, |r| r.base.max_us)),
                     fmt3(over(rs, |r| r.patch.max_us)),
                     over(rs, |r| r.base.median_us).0,
@@ -497,7 +506,8 @@ impl Results {
                     fmt3(over(rs, |r| r.patch.all_us)),
                     fmt3(over(rs, |r| r.held_all_us)),
                     fmt3(over(rs, |r| r.held_whole_us)),
-                    fmt3(over(rs, |r| r.held_thread_us)),
+                    fmt3(over(rs, |r| r.held_check_us)),
+                    fmt3(over(rs, |r| r.held_borrow_us)),
                     over(rs, |r| r.apply_ms).0,
                     over(rs, |r| r.disable_ms).0,
                 );
@@ -537,11 +547,12 @@ impl Results {
                      it is running while the `int3`s are in place and the patch replaces several instructions of a \
                      function (to see that it is not between them), and one sleeping thread now and then is borrowed \
                      for system calls (one thread, once at the start of a command: its mappings and the check of the handler; \
-                     a finished transition's table is reused, not mapped again). The longest of \
-                     those stops, as suture times it from the interrupt to the release, is {} µs here (\"suture: \
-                     longest single-thread stop\"; the borrowed thread's are the long ones: each injected system call \
-                     costs several ptrace round trips, and the first command's `membarrier` registration waits for \
-                     the kernel). On top of that a thread released on 2 loaded cores waits to be scheduled again, and \
+                     a finished transition's table is reused, not mapped again). As suture times them from the \
+                     interrupt to the release, the longest stop to look at a thread is {} µs here, and the borrowed \
+                     thread's longest stop {} µs (each injected system call costs several ptrace round trips, and \
+                     the first command's `membarrier` registration waits for the kernel; a sleeping thread is \
+                     preferred, the main thread first, which here waits for the benchmark's commands and measures \
+                     nothing, so its stops are in no gap above). On top of that a thread released on 2 loaded cores waits to be scheduled again, and \
                      suture's own CPU time (reading `/proc` for hundreds of threads, tens of µs a file) competes with \
                      the target for the 2 cores: the same-run baseline, with nothing happening, already has gaps of \
                      {} µs (`SUTURE_BENCH_DEBUG=1` lists every gap of 500 µs or more on the clock of suture's \
@@ -551,7 +562,8 @@ impl Results {
                      The stack check itself needs the stop: the kernel switches a task while it cannot run (under its \
                      runqueue lock), and from user space only a ptrace-stop keeps a thread from entering an old \
                      function between its check and its switch.\n",
-                    fmt3(over(rs, |r| r.held_thread_us)),
+                    fmt3(over(rs, |r| r.held_check_us)),
+                    fmt3(over(rs, |r| r.held_borrow_us)),
                     fmt3(over(rs, |r| r.base.max_us)),
                 );
             }

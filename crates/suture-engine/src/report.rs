@@ -330,6 +330,14 @@ pub struct Held {
     /// borrowed to run system calls), and the longest (µs).
     pub thread_stops: u64,
     pub thread_held_us: u64,
+    /// Of those, the stops to look at a thread (its stack check, its
+    /// thread pointer, its program counter), and the longest (µs).
+    pub check_stops: u64,
+    pub check_held_us: u64,
+    /// Of those, the stops of the thread borrowed to run system calls, and
+    /// the longest (µs).
+    pub borrow_stops: u64,
+    pub borrow_held_us: u64,
 }
 
 impl Held {
@@ -343,6 +351,10 @@ impl Held {
             whole_all_us: h.whole_all.as_micros() as u64,
             thread_stops: h.thread_stops,
             thread_held_us: h.thread_held.as_micros() as u64,
+            check_stops: h.check_stops,
+            check_held_us: h.check_held.as_micros() as u64,
+            borrow_stops: h.borrow_stops,
+            borrow_held_us: h.borrow_held.as_micros() as u64,
         }
     }
 }

@@ -1468,7 +1468,11 @@ impl Hijack<'_> {
         let tid = self.tid;
         let state = std::mem::replace(&mut self.state, State::Gone);
         if !matches!(state, State::Gone) {
-            crate::hold::record_thread("borrowed", tid, self.started.elapsed());
+            crate::hold::record_thread(
+                crate::hold::ThreadHold::Borrowed,
+                tid,
+                self.started.elapsed(),
+            );
         }
         let _boost = self.boost.take();
         let state = if state == State::Stopped(Stop::SyscallExit) {

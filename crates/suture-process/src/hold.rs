@@ -27,6 +27,23 @@ pub struct HoldStats {
     pub thread_stops: u64,
     /// Longest single-thread stop, from the interrupt to the release.
     pub thread_held: Duration,
+    /// Of those, the stops of a thread to be looked at (its stack check,
+    /// its thread pointer, its program counter), and the longest.
+    pub check_stops: u64,
+    pub check_held: Duration,
+    /// Of those, the stops of a thread borrowed to run system calls (or a
+    /// function) for suture, and the longest.
+    pub borrow_stops: u64,
+    pub borrow_held: Duration,
+}
+
+/// Why a single thread was held.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ThreadHold {
+    /// Stopped to be looked at ([`crate::Tracer`]).
+    Checked,
+    /// Borrowed to run system calls ([`crate::Hijack`]).
+    Borrowed,
 }
 
 thread_local! {
@@ -71,6 +88,10 @@ pub fn add_hold_stats(o: HoldStats) {
         v.whole_all = v.whole_all.max(o.whole_all);
         v.thread_stops += o.thread_stops;
         v.thread_held = v.thread_held.max(o.thread_held);
+        v.check_stops += o.check_stops;
+        v.check_held = v.check_held.max(o.check_held);
+        v.borrow_stops += o.borrow_stops;
+        v.borrow_held = v.borrow_held.max(o.borrow_held);
         s.set(v);
     });
 }
@@ -89,12 +110,26 @@ pub(crate) fn record_whole(threads: usize, held: Duration, all: Duration) {
     });
 }
 
-pub(crate) fn record_thread(kind: &str, tid: i32, held: Duration) {
-    debug(format_args!("{kind} thread {tid}: {held:?}"));
+pub(crate) fn record_thread(kind: ThreadHold, tid: i32, held: Duration) {
+    let what = match kind {
+        ThreadHold::Checked => "checked",
+        ThreadHold::Borrowed => "borrowed",
+    };
+    debug(format_args!("{what} thread {tid}: {held:?}"));
     STATS.with(|s| {
         let mut v = s.get();
         v.thread_stops += 1;
         v.thread_held = v.thread_held.max(held);
+        match kind {
+            ThreadHold::Checked => {
+                v.check_stops += 1;
+                v.check_held = v.check_held.max(held);
+            }
+            ThreadHold::Borrowed => {
+                v.borrow_stops += 1;
+                v.borrow_held = v.borrow_held.max(held);
+            }
+        }
         s.set(v);
     });
 }

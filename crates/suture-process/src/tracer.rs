@@ -540,7 +540,11 @@ impl<'p> Tracer<'p> {
         match result {
             Ok(()) => {
                 if let Some(since) = t.held_since.take() {
-                    crate::hold::record_thread("checked", tid, since.elapsed());
+                    crate::hold::record_thread(
+                        crate::hold::ThreadHold::Checked,
+                        tid,
+                        since.elapsed(),
+                    );
                 }
                 t.state = if group {
                     State::Listening
@@ -568,7 +572,11 @@ impl<'p> Tracer<'p> {
             return match sys::detach(tid, 0) {
                 Ok(()) => {
                     if let Some(since) = t.held_since {
-                        crate::hold::record_thread("checked", tid, since.elapsed());
+                        crate::hold::record_thread(
+                            crate::hold::ThreadHold::Checked,
+                            tid,
+                            since.elapsed(),
+                        );
                     }
                     self.threads.remove(&tid);
                     self.update_boost();
@@ -755,7 +763,11 @@ impl<'p> Tracer<'p> {
             }
             if !held {
                 if let Some(since) = t.held_since.take() {
-                    crate::hold::record_thread("checked", tid, since.elapsed());
+                    crate::hold::record_thread(
+                        crate::hold::ThreadHold::Checked,
+                        tid,
+                        since.elapsed(),
+                    );
                 }
             }
             t.state = state;

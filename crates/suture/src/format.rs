@@ -85,11 +85,18 @@ fn held(s: &mut String, h: &Held) {
             dur(h.whole_all_us)
         ));
     }
-    if h.thread_stops > 0 {
+    if h.check_stops > 0 {
         parts.push(format!(
-            "single threads {}x (each at most {})",
-            h.thread_stops,
-            dur(h.thread_held_us)
+            "single threads to look at them {}x (each at most {})",
+            h.check_stops,
+            dur(h.check_held_us)
+        ));
+    }
+    if h.borrow_stops > 0 {
+        parts.push(format!(
+            "one thread borrowed for system calls {}x (each at most {})",
+            h.borrow_stops,
+            dur(h.borrow_held_us)
         ));
     }
     if !parts.is_empty() {

@@ -435,10 +435,23 @@ fn apply_and_disable_report_how_long_they_held_the_target() {
     // Every thread was stopped on its own: to be seen before the jumps
     // went live, and for its check.
     assert!(n("thread_stops") >= threads, "{a}");
+    // Told apart: stops to look at a thread, and the thread borrowed for
+    // the mappings (the patch's code, at least).
+    assert!(n("check_stops") >= threads, "{a}");
+    assert!(n("borrow_stops") >= 1, "{a}");
+    assert_eq!(
+        n("check_stops") + n("borrow_stops"),
+        n("thread_stops"),
+        "{a}"
+    );
+    assert!(
+        n("check_held_us").max(n("borrow_held_us")) == n("thread_held_us"),
+        "{a}"
+    );
     all(&mut t, (44, 101, 1001));
     let text = ok_env(&["disable", &pid(&t), "static"], &live);
     assert!(
-        !text.contains("target held: all") && text.contains("single threads"),
+        !text.contains("target held: all") && text.contains("single threads to look at them"),
         "{text}"
     );
     all(&mut t, BASE);
