@@ -24,15 +24,26 @@ use std::time::{Duration, Instant};
 
 use crate::Tid;
 
-/// How long a seize may wait before the watchdog starts reaping. A seize
-/// normally takes microseconds.
+/// How long a seize may wait before the watchdog starts reaping (it notices
+/// within twice that). A seize normally takes microseconds.
 const PATIENCE: Duration = Duration::from_millis(20);
 
-/// Seizes under way: the process, the thread being seized, and when the
-/// seize began.
+/// What the watchdog watches.
 struct Watch {
-    seizing: Mutex<Vec<(i32, Tid, Instant)>>,
+    seizing: Mutex<Seizes>,
     armed: Condvar,
+}
+
+/// Seizes under way (the process, the thread being seized, and when the
+/// seize began), how many ever began, and whether the watchdog sleeps
+/// until woken (it only does after a look that found no seize begun since
+/// the one before: a run of seizes, such as 512 in a row over a window,
+/// wakes it once, not once per seize).
+#[derive(Default)]
+struct Seizes {
+    under_way: Vec<(i32, Tid, Instant)>,
+    begun: u64,
+    asleep: bool,
 }
 
 fn watch() -> &'static Watch {
@@ -47,7 +58,7 @@ fn watch() -> &'static Watch {
             crate::debug_log(format_args!("exec watchdog not started: {e}"));
         }
         Watch {
-            seizing: Mutex::new(Vec::new()),
+            seizing: Mutex::new(Seizes::default()),
             armed: Condvar::new(),
         }
     })
@@ -59,12 +70,21 @@ fn watch() -> &'static Watch {
 pub(crate) fn seize_watched<T>(tgid: i32, tid: Tid, seize: impl FnOnce() -> T) -> T {
     let w = watch();
     let began = Instant::now();
-    lock(&w.seizing).push((tgid, tid, began));
-    w.armed.notify_one();
+    let mut seizing = lock(&w.seizing);
+    seizing.under_way.push((tgid, tid, began));
+    seizing.begun += 1;
+    if seizing.asleep {
+        w.armed.notify_one();
+    }
+    drop(seizing);
     let r = seize();
     let mut seizing = lock(&w.seizing);
-    if let Some(i) = seizing.iter().position(|&e| e == (tgid, tid, began)) {
-        seizing.swap_remove(i);
+    if let Some(i) = seizing
+        .under_way
+        .iter()
+        .position(|&e| e == (tgid, tid, began))
+    {
+        seizing.under_way.swap_remove(i);
     }
     r
 }
@@ -78,10 +98,27 @@ fn watchdog() {
     crate::sys::block_sigchld();
     let w = watch();
     let mut seizing = lock(&w.seizing);
+    // Seizes begun by the last look.
+    let mut seen = 0;
     loop {
-        let oldest = seizing.iter().map(|&(_, _, t)| t).min();
+        let oldest = seizing.under_way.iter().map(|&(_, _, t)| t).min();
         match oldest {
-            None => seizing = w.armed.wait(seizing).unwrap_or_else(|p| p.into_inner()),
+            None if seizing.begun == seen => {
+                seizing.asleep = true;
+                seizing = w.armed.wait(seizing).unwrap_or_else(|p| p.into_inner());
+                seizing.asleep = false;
+            }
+            // Seizes came and went since the last look: more may follow
+            // unannounced, so look again (a stuck one is then seen within
+            // twice the patience).
+            None => {
+                seen = seizing.begun;
+                seizing = w
+                    .armed
+                    .wait_timeout(seizing, PATIENCE)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
             Some(t) if t.elapsed() < PATIENCE => {
                 let left = PATIENCE - t.elapsed();
                 seizing = w
@@ -92,6 +129,7 @@ fn watchdog() {
             }
             Some(_) => {
                 let stuck: Vec<(i32, Tid)> = seizing
+                    .under_way
                     .iter()
                     .filter(|&&(_, _, t)| t.elapsed() >= PATIENCE)
                     .map(|&(tgid, tid, _)| (tgid, tid))
