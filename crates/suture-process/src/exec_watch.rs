@@ -189,7 +189,8 @@ mod tests {
 
     impl Drop for Release {
         fn drop(&mut self) {
-            crate::sys::detach(self.0, 0).expect("the tracee is in a ptrace-stop");
+            // Fails only if it is not stopped; then nothing holds it.
+            let _ = crate::sys::detach(self.0, 0);
         }
     }
 
