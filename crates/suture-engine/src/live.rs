@@ -102,6 +102,13 @@ pub fn prepare(proc: &Process, rec: &mut Record) -> Result<Option<TrapLayout>, E
     readiness(proc, rec)?.complete(proc, rec, None)
 }
 
+/// How long [`readiness`] waits for a thread that blocks `SIGTRAP` to stop
+/// blocking it: while it sleeps (a thread that blocks it for good mostly
+/// does, and then every command pays this), and while it is runnable (on
+/// its way to restoring its mask, or waiting for a core to do it).
+const BLOCKED_SLEEPING: Duration = Duration::from_millis(5);
+const BLOCKED_RUNNABLE: Duration = Duration::from_secs(1);
+
 /// How far the target is from live writes, as [`readiness`] finds it.
 pub enum Readiness {
     /// Live writes cannot be used now (see the module documentation).
@@ -124,7 +131,12 @@ pub fn readiness(proc: &Process, rec: &Record) -> Result<Readiness, Error> {
     if ignored || (caught && rec.trap.is_none()) {
         return Ok(Readiness::Unsuitable);
     }
-    if !proc.threads_blocking(SIGTRAP)?.is_empty() {
+    // A thread that blocks it only for a moment (one released by the last
+    // command's borrow, for instance) is waited for.
+    if !proc
+        .threads_blocking_for_good(SIGTRAP, BLOCKED_SLEEPING, BLOCKED_RUNNABLE)?
+        .is_empty()
+    {
         return Ok(Readiness::Unsuitable);
     }
     if rec.trap.as_ref().is_some_and(|t| undo_log(t).is_none()) {

@@ -382,6 +382,37 @@ impl Process {
         Ok(out)
     }
 
+    /// The threads that block signal `sig` and go on blocking it: each one
+    /// found blocking it is looked at again every millisecond, for up to
+    /// `sleeping` while it sleeps and up to `runnable` while it is
+    /// runnable. Many block every signal for a moment, then restore their
+    /// mask: a thread creating another (`pthread_create`), or one just
+    /// given back after a borrow (its mask comes back when it next runs,
+    /// which on a loaded machine waits for a core); a thread that blocks
+    /// the signal for good (e.g. a worker of a `sigwait` design) mostly
+    /// sleeps.
+    pub fn threads_blocking_for_good(
+        &self,
+        sig: i32,
+        sleeping: std::time::Duration,
+        runnable: std::time::Duration,
+    ) -> Result<Vec<Tid>> {
+        let t0 = std::time::Instant::now();
+        let mut blocking = self.threads_blocking(sig)?;
+        while !blocking.is_empty() {
+            let waited = t0.elapsed();
+            let any_runnable = blocking
+                .iter()
+                .any(|&t| self.thread_stat(t).is_some_and(|s| s.state == 'R'));
+            if waited >= runnable || (!any_runnable && waited >= sleeping) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            blocking.retain(|&t| self.thread_signal_bit(t, "SigBlk", sig));
+        }
+        Ok(blocking)
+    }
+
     /// Whether signal `sig` is pending for thread `tid` itself (`SigPnd`),
     /// e.g. the `SIGTRAP` of an `int3` it just executed, not delivered yet.
     pub fn thread_has_pending(&self, tid: Tid, sig: i32) -> bool {

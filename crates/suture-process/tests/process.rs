@@ -179,3 +179,25 @@ fn process_that_exited_before_open() {
         assert!(matches!(err, Error::NoSuchProcess { .. }), "{err}");
     }
 }
+
+/// A thread that blocks a signal while it runs is waited for until it
+/// unblocks it; one that blocks it asleep is reported (after the short
+/// grace for sleeping threads, once no runnable one is left to wait for).
+#[test]
+fn threads_blocking_for_good_waits_out_a_runnable_thread_only() {
+    let target = Target::start("masks");
+    let keeper: i32 = target.info("keeper").parse().unwrap();
+    let brief: i32 = target.info("brief").parse().unwrap();
+    let process = Process::open(target.pid).unwrap();
+    // Right after ready both block it (the brief one spins for 300 ms).
+    let now = process.threads_blocking(libc::SIGTRAP).unwrap();
+    assert!(now.contains(&keeper), "{now:?}");
+    let blocking = process
+        .threads_blocking_for_good(
+            libc::SIGTRAP,
+            Duration::from_millis(5),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    assert_eq!(blocking, vec![keeper], "brief thread {brief}");
+}

@@ -473,8 +473,13 @@ fn a_later_start_does_not_stop_a_sleeping_thread_whose_pointer_it_knows() {
         ("SUTURE_DEBUG_HOLDS", "1"),
     ];
     let table_stops = |err: &str| -> String {
-        let from = err.find("live write: prepare").expect("a live write");
-        let to = from + err[from..].find("live write: sync").expect("its int3s");
+        let from = err
+            .find("live write: prepare")
+            .unwrap_or_else(|| panic!("a live write:\n{err}"));
+        let to = from
+            + err[from..]
+                .find("live write: sync")
+                .unwrap_or_else(|| panic!("its int3s:\n{err}"));
         err[from..to].to_string()
     };
     // A thread that sleeps in read() for good (not the main thread, which
