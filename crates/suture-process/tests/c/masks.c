@@ -20,14 +20,20 @@ static void block_trap(int how)
 	pthread_sigmask(how, &s, NULL);
 }
 
+/* Blocks SIGTRAP, prints "WHO TID", tells main it has started. */
+static int announce(const char *who)
+{
+	block_trap(SIG_BLOCK);
+	printf("%s %ld\n", who, (long)syscall(SYS_gettid));
+	fflush(stdout);
+	return write(started[1], who, 1) == 1;
+}
+
 static void *keeper(void *arg)
 {
 	char c;
 	(void)arg;
-	block_trap(SIG_BLOCK);
-	printf("keeper %ld\n", (long)syscall(SYS_gettid));
-	fflush(stdout);
-	if (write(started[1], "k", 1) != 1)
+	if (!announce("keeper"))
 		return NULL;
 	while (read(never[0], &c, 1) > 0)
 		;
@@ -45,11 +51,8 @@ static void *brief(void *arg)
 {
 	char c;
 	(void)arg;
-	block_trap(SIG_BLOCK);
-	printf("brief %ld\n", (long)syscall(SYS_gettid));
-	fflush(stdout);
 	double end = now() + 0.3;
-	if (write(started[1], "b", 1) != 1)
+	if (!announce("brief"))
 		return NULL;
 	while (now() < end)
 		;
