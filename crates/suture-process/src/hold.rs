@@ -22,17 +22,13 @@ pub struct HoldStats {
     /// Longest time every thread of the process was stopped at once (from
     /// the last thread stopping until the first was released).
     pub whole_all: Duration,
-    /// Stops of a single thread (its own check, or a borrowed thread
-    /// running system calls), each while the others ran.
-    pub thread_stops: u64,
-    /// Longest single-thread stop, from the interrupt to the release.
-    pub thread_held: Duration,
-    /// Of those, the stops of a thread to be looked at (its stack check,
-    /// its thread pointer, its program counter), and the longest.
+    /// Stops of a single thread, each while the others ran, from the
+    /// interrupt to the release: to be looked at (its stack check, its
+    /// thread pointer, its program counter), and the longest.
     pub check_stops: u64,
     pub check_held: Duration,
-    /// Of those, the stops of a thread borrowed to run system calls (or a
-    /// function) for suture, and the longest.
+    /// The same for a thread borrowed to run system calls (or a function)
+    /// for suture.
     pub borrow_stops: u64,
     pub borrow_held: Duration,
 }
@@ -86,8 +82,6 @@ pub fn add_hold_stats(o: HoldStats) {
         v.whole_threads = v.whole_threads.max(o.whole_threads);
         v.whole_held = v.whole_held.max(o.whole_held);
         v.whole_all = v.whole_all.max(o.whole_all);
-        v.thread_stops += o.thread_stops;
-        v.thread_held = v.thread_held.max(o.thread_held);
         v.check_stops += o.check_stops;
         v.check_held = v.check_held.max(o.check_held);
         v.borrow_stops += o.borrow_stops;
@@ -118,8 +112,6 @@ pub(crate) fn record_thread(kind: ThreadHold, tid: i32, held: Duration) {
     debug(format_args!("{what} thread {tid}: {held:?}"));
     STATS.with(|s| {
         let mut v = s.get();
-        v.thread_stops += 1;
-        v.thread_held = v.thread_held.max(held);
         match kind {
             ThreadHold::Checked => {
                 v.check_stops += 1;
